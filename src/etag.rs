@@ -1,0 +1,491 @@
+//! Entity tags (RFC 9110 section 8.8.3) and the `If-Match` / `If-None-Match` list parser.
+//!
+//! The parser is hand-written because it must be exact: the grammar is
+//!
+//! ```text
+//! If-Match      = "*" / #entity-tag
+//! entity-tag    = [ weak ] opaque-tag
+//! weak          = %s"W/"
+//! opaque-tag    = DQUOTE *etagc DQUOTE
+//! etagc         = %x21 / %x23-7E / obs-text
+//! ```
+//!
+//! `obs-text` bytes (`0x80..=0xFF`) are kept losslessly: each byte is mapped to the
+//! Unicode scalar of the same number (the ISO-8859-1 reading HTTP has always used), so
+//! an [`EntityTag`] is a plain `str` that round-trips to the exact bytes on the wire.
+//!
+//! The work is bounded: a field longer than [`MAX_LIST_BYTES`] or with more than
+//! [`MAX_LIST_TAGS`] members is refused before anything is allocated for its members.
+
+use std::fmt;
+
+use http::header::{HeaderMap, HeaderName, HeaderValue};
+
+/// The most bytes, over all field lines, an `If-Match` / `If-None-Match` may have.
+pub const MAX_LIST_BYTES: usize = 8 * 1024;
+
+/// The most entity tags an `If-Match` / `If-None-Match` list may hold.
+pub const MAX_LIST_TAGS: usize = 64;
+
+/// An entity tag: an opaque validator, strong or weak.
+///
+/// ```
+/// use tower_precondition::EntityTag;
+///
+/// let strong: EntityTag = "\"v1\"".parse().unwrap();
+/// let weak: EntityTag = "W/\"v1\"".parse().unwrap();
+/// assert!(!strong.is_weak() && weak.is_weak());
+/// assert!(strong.weak_eq(&weak));
+/// assert!(!strong.strong_eq(&weak));
+/// assert_eq!(weak.to_string(), "W/\"v1\"");
+/// ```
+#[derive(Clone, PartialEq, Eq, Hash)]
+pub struct EntityTag {
+    weak: bool,
+    /// The opaque part without quotes; every char is an `etagc` (obs-text mapped 1:1).
+    opaque: Box<str>,
+}
+
+/// The error for a value that is not a valid entity tag.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InvalidEntityTag {
+    reason: &'static str,
+}
+
+impl InvalidEntityTag {
+    fn new(reason: &'static str) -> Self {
+        Self { reason }
+    }
+
+    /// What was wrong with the value, in a few words.
+    pub fn reason(&self) -> &'static str {
+        self.reason
+    }
+}
+
+impl fmt::Display for InvalidEntityTag {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "invalid entity tag: {}", self.reason)
+    }
+}
+
+impl std::error::Error for InvalidEntityTag {}
+
+fn is_etagc(byte: u8) -> bool {
+    byte == 0x21 || (0x23..=0x7E).contains(&byte) || byte >= 0x80
+}
+
+fn opaque_from_bytes(bytes: &[u8]) -> Box<str> {
+    // Lossless: obs-text bytes become U+0080..=U+00FF.
+    bytes
+        .iter()
+        .map(|&b| char::from(b))
+        .collect::<String>()
+        .into_boxed_str()
+}
+
+impl EntityTag {
+    /// A strong tag with the given opaque value (without quotes).
+    ///
+    /// Fails if `opaque` holds a character that is not allowed in an entity tag
+    /// (a double quote, a control character, a space, or a char above U+00FF).
+    pub fn strong(opaque: impl AsRef<str>) -> Result<Self, InvalidEntityTag> {
+        Self::with_weakness(false, opaque.as_ref())
+    }
+
+    /// A weak tag with the given opaque value (without quotes).
+    pub fn weak(opaque: impl AsRef<str>) -> Result<Self, InvalidEntityTag> {
+        Self::with_weakness(true, opaque.as_ref())
+    }
+
+    fn with_weakness(weak: bool, opaque: &str) -> Result<Self, InvalidEntityTag> {
+        let valid = opaque
+            .chars()
+            .all(|c| u8::try_from(u32::from(c)).is_ok_and(is_etagc));
+        if !valid {
+            return Err(InvalidEntityTag::new(
+                "opaque value holds a character outside etagc",
+            ));
+        }
+        Ok(Self {
+            weak,
+            opaque: opaque.into(),
+        })
+    }
+
+    /// Parses one entity tag as it appears on the wire (`"x"` or `W/"x"`).
+    pub fn parse_bytes(bytes: &[u8]) -> Result<Self, InvalidEntityTag> {
+        let mut cursor = Cursor::new(bytes);
+        let tag = cursor.entity_tag()?;
+        if !cursor.at_end() {
+            return Err(InvalidEntityTag::new("trailing characters after the tag"));
+        }
+        Ok(tag)
+    }
+
+    /// Whether this tag is weak (`W/` prefix).
+    pub fn is_weak(&self) -> bool {
+        self.weak
+    }
+
+    /// The opaque value, without quotes and without the `W/` prefix.
+    pub fn opaque(&self) -> &str {
+        &self.opaque
+    }
+
+    /// Strong comparison (RFC 9110 section 8.8.3.2): both strong and the same opaque value.
+    pub fn strong_eq(&self, other: &Self) -> bool {
+        !self.weak && !other.weak && self.opaque == other.opaque
+    }
+
+    /// Weak comparison: the same opaque value, either or both may be weak.
+    pub fn weak_eq(&self, other: &Self) -> bool {
+        self.opaque == other.opaque
+    }
+
+    /// The tag as a header value, exactly the bytes a client sent or will receive.
+    pub fn to_header_value(&self) -> HeaderValue {
+        let mut bytes = Vec::with_capacity(self.opaque.len() + 4);
+        if self.weak {
+            bytes.extend_from_slice(b"W/");
+        }
+        bytes.push(b'"');
+        // Every char is <= U+00FF by construction, so this is the original byte.
+        bytes.extend(self.opaque.chars().map(|c| c as u8));
+        bytes.push(b'"');
+        HeaderValue::from_bytes(&bytes).expect("etagc bytes are valid header value bytes")
+    }
+}
+
+impl std::str::FromStr for EntityTag {
+    type Err = InvalidEntityTag;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Self::parse_bytes(s.as_bytes())
+    }
+}
+
+impl fmt::Display for EntityTag {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.weak {
+            f.write_str("W/")?;
+        }
+        write!(f, "\"{}\"", self.opaque)
+    }
+}
+
+impl fmt::Debug for EntityTag {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(self, f)
+    }
+}
+
+/// The value of an `If-Match` or `If-None-Match` field: `*` or a list of tags.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TagList {
+    /// `*`: any current representation.
+    Any,
+    /// One or more entity tags.
+    Tags(Vec<EntityTag>),
+}
+
+impl TagList {
+    /// Whether any tag strongly matches `current` (the `If-Match` comparison).
+    pub fn strong_match(&self, current: &EntityTag) -> bool {
+        match self {
+            TagList::Any => true,
+            TagList::Tags(tags) => tags.iter().any(|t| t.strong_eq(current)),
+        }
+    }
+
+    /// Whether any tag weakly matches `current` (the `If-None-Match` comparison).
+    pub fn weak_match(&self, current: &EntityTag) -> bool {
+        match self {
+            TagList::Any => true,
+            TagList::Tags(tags) => tags.iter().any(|t| t.weak_eq(current)),
+        }
+    }
+}
+
+/// Why an `If-Match` / `If-None-Match` field could not be parsed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InvalidTagList {
+    header: HeaderName,
+    reason: &'static str,
+}
+
+impl InvalidTagList {
+    /// The field that was malformed.
+    pub fn header(&self) -> &HeaderName {
+        &self.header
+    }
+
+    /// What was wrong, in a few words.
+    pub fn reason(&self) -> &'static str {
+        self.reason
+    }
+}
+
+impl fmt::Display for InvalidTagList {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "malformed {} header: {}", self.header, self.reason)
+    }
+}
+
+impl std::error::Error for InvalidTagList {}
+
+/// Parses every field line of `name` in `headers` as one `If-Match` / `If-None-Match` list.
+///
+/// Returns `Ok(None)` when the field is absent. Field lines are joined as a comma list
+/// (RFC 9110 section 5.3); empty list members are allowed (`#rule`), a list made only of
+/// empty members is not. `*` must stand alone.
+///
+/// ```
+/// use http::{HeaderMap, header::IF_MATCH};
+/// use tower_precondition::etag::{parse_tag_list, TagList};
+///
+/// let mut headers = HeaderMap::new();
+/// headers.append(IF_MATCH, r#""a", W/"b,c""#.parse().unwrap());
+/// headers.append(IF_MATCH, r#""d""#.parse().unwrap());
+/// let Some(TagList::Tags(tags)) = parse_tag_list(&headers, &IF_MATCH).unwrap() else { panic!() };
+/// assert_eq!(tags.len(), 3);
+/// assert_eq!(tags[1].opaque(), "b,c");
+/// ```
+pub fn parse_tag_list(
+    headers: &HeaderMap,
+    name: &HeaderName,
+) -> Result<Option<TagList>, InvalidTagList> {
+    let fail = |reason| InvalidTagList {
+        header: name.clone(),
+        reason,
+    };
+    let mut values = headers.get_all(name).iter().peekable();
+    if values.peek().is_none() {
+        return Ok(None);
+    }
+    let total: usize = headers.get_all(name).iter().map(|v| v.len()).sum();
+    if total > MAX_LIST_BYTES {
+        return Err(fail("field is too long"));
+    }
+    let mut any = false;
+    let mut tags = Vec::new();
+    for value in values {
+        let mut cursor = Cursor::new(value.as_bytes());
+        loop {
+            cursor.skip_ows();
+            if cursor.at_end() {
+                break;
+            }
+            match cursor.peek() {
+                Some(b',') => {
+                    cursor.bump();
+                    continue;
+                }
+                Some(b'*') => {
+                    cursor.bump();
+                    any = true;
+                }
+                _ => {
+                    if tags.len() == MAX_LIST_TAGS {
+                        return Err(fail("too many entity tags"));
+                    }
+                    tags.push(cursor.entity_tag().map_err(|e| fail(e.reason))?);
+                }
+            }
+            cursor.skip_ows();
+            match cursor.peek() {
+                None => break,
+                Some(b',') => cursor.bump(),
+                Some(_) => return Err(fail("expected a comma between entity tags")),
+            }
+        }
+    }
+    match (any, tags.is_empty()) {
+        (true, true) => Ok(Some(TagList::Any)),
+        (true, false) => Err(fail("\"*\" cannot be combined with entity tags")),
+        (false, false) => Ok(Some(TagList::Tags(tags))),
+        (false, true) => Err(fail("empty list")),
+    }
+}
+
+struct Cursor<'a> {
+    bytes: &'a [u8],
+    pos: usize,
+}
+
+impl<'a> Cursor<'a> {
+    fn new(bytes: &'a [u8]) -> Self {
+        Self { bytes, pos: 0 }
+    }
+
+    fn peek(&self) -> Option<u8> {
+        self.bytes.get(self.pos).copied()
+    }
+
+    fn bump(&mut self) {
+        self.pos += 1;
+    }
+
+    fn at_end(&self) -> bool {
+        self.pos >= self.bytes.len()
+    }
+
+    fn skip_ows(&mut self) {
+        while matches!(self.peek(), Some(b' ' | b'\t')) {
+            self.bump();
+        }
+    }
+
+    fn entity_tag(&mut self) -> Result<EntityTag, InvalidEntityTag> {
+        let weak = self.bytes[self.pos..].starts_with(b"W/");
+        if weak {
+            self.pos += 2;
+        }
+        if self.peek() != Some(b'"') {
+            return Err(InvalidEntityTag::new("expected an opening double quote"));
+        }
+        self.bump();
+        let start = self.pos;
+        loop {
+            match self.peek() {
+                None => return Err(InvalidEntityTag::new("missing closing double quote")),
+                Some(b'"') => break,
+                Some(b) if is_etagc(b) => self.bump(),
+                Some(_) => {
+                    return Err(InvalidEntityTag::new(
+                        "opaque value holds a character outside etagc",
+                    ))
+                }
+            }
+        }
+        let opaque = opaque_from_bytes(&self.bytes[start..self.pos]);
+        self.bump();
+        Ok(EntityTag { weak, opaque })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::header::{IF_MATCH, IF_NONE_MATCH};
+
+    fn list(lines: &[&[u8]]) -> Result<Option<TagList>, InvalidTagList> {
+        let mut headers = HeaderMap::new();
+        for line in lines {
+            headers.append(IF_NONE_MATCH, HeaderValue::from_bytes(line).unwrap());
+        }
+        parse_tag_list(&headers, &IF_NONE_MATCH)
+    }
+
+    fn tags(lines: &[&[u8]]) -> Vec<String> {
+        match list(lines).unwrap().unwrap() {
+            TagList::Tags(t) => t.iter().map(|t| t.to_string()).collect(),
+            TagList::Any => vec!["*".into()],
+        }
+    }
+
+    #[test]
+    fn parses_single_tags() {
+        let t: EntityTag = "\"xyzzy\"".parse().unwrap();
+        assert!(!t.is_weak());
+        assert_eq!(t.opaque(), "xyzzy");
+        let w: EntityTag = "W/\"xyzzy\"".parse().unwrap();
+        assert!(w.is_weak());
+        let empty: EntityTag = "\"\"".parse().unwrap();
+        assert_eq!(empty.opaque(), "");
+    }
+
+    #[test]
+    fn rejects_malformed_single_tags() {
+        for bad in [
+            "xyzzy", "\"xyzzy", "w/\"x\"", "W/x", "\"a\"b", " \"a\"", "\"a\"\"", "W/ \"a\"", "",
+        ] {
+            assert!(
+                bad.parse::<EntityTag>().is_err(),
+                "{bad:?} should be rejected"
+            );
+        }
+    }
+
+    #[test]
+    fn rfc_9110_comparison_table() {
+        // RFC 9110 section 8.8.3.2, the four example pairs.
+        let w1: EntityTag = "W/\"1\"".parse().unwrap();
+        let w2: EntityTag = "W/\"2\"".parse().unwrap();
+        let s1: EntityTag = "\"1\"".parse().unwrap();
+        assert!(!w1.strong_eq(&w1) && w1.weak_eq(&w1));
+        assert!(!w1.strong_eq(&w2) && !w1.weak_eq(&w2));
+        assert!(!w1.strong_eq(&s1) && w1.weak_eq(&s1));
+        assert!(s1.strong_eq(&s1) && s1.weak_eq(&s1));
+    }
+
+    #[test]
+    fn lists_across_lines_with_quoted_commas() {
+        assert_eq!(
+            tags(&[b"\"a\", W/\"b,c\"", b" \"d\" ,,", b"\t\"e\""]),
+            ["\"a\"", "W/\"b,c\"", "\"d\"", "\"e\""]
+        );
+        assert_eq!(tags(&[b"*"]), ["*"]);
+        assert_eq!(tags(&[b" * "]), ["*"]);
+        assert_eq!(tags(&[b",\"a\","]), ["\"a\""]);
+    }
+
+    #[test]
+    fn rejects_malformed_lists() {
+        for bad in [
+            &b"\"a\" \"b\""[..],
+            b"*, \"a\"",
+            b"a",
+            b"\"a\", b",
+            b"",
+            b" , ",
+            b"\"a",
+            b"**",
+            b"W/\"a\"W/\"b\"",
+        ] {
+            assert!(
+                list(&[bad]).is_err(),
+                "{:?} should be rejected",
+                String::from_utf8_lossy(bad)
+            );
+        }
+        // "*" on one line and a tag on another is still a mix.
+        assert!(list(&[b"*", b"\"a\""]).is_err());
+    }
+
+    #[test]
+    fn obs_text_round_trips() {
+        let raw = b"\"caf\xc3\xa9\xff\"";
+        let tag = EntityTag::parse_bytes(raw).unwrap();
+        assert_eq!(tag.to_header_value().as_bytes(), raw);
+        assert_eq!(tag.opaque().chars().count(), 6);
+    }
+
+    #[test]
+    fn bounds_the_work() {
+        let many = vec!["\"x\""; MAX_LIST_TAGS + 1].join(",");
+        let err = list(&[many.as_bytes()]).unwrap_err();
+        assert_eq!(err.reason(), "too many entity tags");
+        let exactly = vec!["\"x\""; MAX_LIST_TAGS].join(",");
+        assert!(list(&[exactly.as_bytes()]).is_ok());
+        let long = format!("\"{}\"", "a".repeat(MAX_LIST_BYTES));
+        assert_eq!(
+            list(&[long.as_bytes()]).unwrap_err().reason(),
+            "field is too long"
+        );
+    }
+
+    #[test]
+    fn absent_header_is_none() {
+        assert_eq!(parse_tag_list(&HeaderMap::new(), &IF_MATCH).unwrap(), None);
+    }
+
+    #[test]
+    fn constructors_validate() {
+        assert!(EntityTag::strong("ok-1").is_ok());
+        assert!(EntityTag::strong("no\"quote").is_err());
+        assert!(EntityTag::strong("no space").is_err());
+        assert!(EntityTag::strong("\u{263a}").is_err());
+        assert_eq!(EntityTag::weak("w").unwrap().to_string(), "W/\"w\"");
+    }
+}

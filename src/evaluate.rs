@@ -1,0 +1,293 @@
+//! Pure RFC 9110 section 13.2.2 evaluation: `(method, preconditions, current version) -> decision`.
+//!
+//! No I/O and no clock: the same inputs always give the same [`Decision`], which is
+//! what lets it be tested exhaustively.
+//!
+//! The order is the RFC's:
+//!
+//! 1. `If-Match` present: false gives `412`. Strong comparison; `*` is true iff a
+//!    current version exists.
+//! 2. else `If-Unmodified-Since` (a valid date): false gives `412`.
+//! 3. `If-None-Match` present: false gives `304` for GET/HEAD, `412` otherwise. Weak
+//!    comparison; `*` is false iff a current version exists.
+//! 4. else, GET/HEAD only, `If-Modified-Since` (a valid date): false gives `304`.
+//!
+//! # Where we are stricter than the RFC, and why
+//!
+//! * A version committed in the same second as its predecessor is
+//!   [ambiguous](crate::store::Version::last_modified_ambiguous): its date names two
+//!   versions. `If-Unmodified-Since` naming that second fails (a spurious `412` beats a
+//!   lost update) and `If-Modified-Since` naming it is treated as modified (a `200`
+//!   beats a stale `304`).
+//! * With no known version, an `If-Unmodified-Since` on a write fails instead of being
+//!   ignored: the store may have forgotten a version (a Redis restart without
+//!   persistence), and the date can then not be checked. Reads ignore it as the RFC says.
+
+use std::time::SystemTime;
+
+use http::{
+    header::{self, HeaderMap, HeaderName},
+    Method,
+};
+
+use crate::{
+    etag::{parse_tag_list, InvalidTagList, TagList},
+    store::{unix_secs, Version},
+};
+
+/// The precondition fields of one request, parsed.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Preconditions {
+    /// `If-Match`.
+    pub if_match: Option<TagList>,
+    /// `If-None-Match`.
+    pub if_none_match: Option<TagList>,
+    /// `If-Unmodified-Since`, whole seconds since the epoch; `None` when absent or invalid.
+    pub if_unmodified_since: Option<u64>,
+    /// `If-Modified-Since`, whole seconds since the epoch; `None` when absent or invalid.
+    pub if_modified_since: Option<u64>,
+}
+
+impl Preconditions {
+    /// Parses the four precondition fields.
+    ///
+    /// A malformed `If-Match` / `If-None-Match` is an error (the layer answers `400`).
+    /// A date that is not a valid HTTP-date (IMF-fixdate, RFC 850 or asctime), or that is
+    /// sent on more than one field line, is ignored, as RFC 9110 sections 13.1.3 and
+    /// 13.1.4 require.
+    ///
+    /// ```
+    /// use http::{HeaderMap, header};
+    /// use tower_precondition::evaluate::Preconditions;
+    ///
+    /// let mut headers = HeaderMap::new();
+    /// headers.insert(header::IF_MATCH, "\"v1\"".parse().unwrap());
+    /// headers.insert(header::IF_UNMODIFIED_SINCE, "not a date".parse().unwrap());
+    /// let pre = Preconditions::from_headers(&headers).unwrap();
+    /// assert!(pre.if_match.is_some());
+    /// assert_eq!(pre.if_unmodified_since, None);
+    /// ```
+    pub fn from_headers(headers: &HeaderMap) -> Result<Self, InvalidTagList> {
+        Ok(Self {
+            if_match: parse_tag_list(headers, &header::IF_MATCH)?,
+            if_none_match: parse_tag_list(headers, &header::IF_NONE_MATCH)?,
+            if_unmodified_since: parse_date(headers, &header::IF_UNMODIFIED_SINCE),
+            if_modified_since: parse_date(headers, &header::IF_MODIFIED_SINCE),
+        })
+    }
+
+    /// Whether any precondition that guards a write is present
+    /// (`If-Match`, `If-None-Match` or a valid `If-Unmodified-Since`).
+    pub fn guards_write(&self) -> bool {
+        self.if_match.is_some()
+            || self.if_none_match.is_some()
+            || self.if_unmodified_since.is_some()
+    }
+
+    /// Whether no precondition at all is present.
+    pub fn is_empty(&self) -> bool {
+        !self.guards_write() && self.if_modified_since.is_none()
+    }
+}
+
+/// Parses an HTTP-date field with exactly one field line; anything else is ignored.
+fn parse_date(headers: &HeaderMap, name: &HeaderName) -> Option<u64> {
+    let mut values = headers.get_all(name).iter();
+    let value = values.next()?;
+    if values.next().is_some() {
+        return None;
+    }
+    let text = value.to_str().ok()?;
+    httpdate::parse_http_date(text.trim()).ok().map(unix_secs)
+}
+
+/// Formats a time as an IMF-fixdate (`Sun, 06 Nov 1994 08:49:37 GMT`).
+pub(crate) fn http_date(time: SystemTime) -> String {
+    httpdate::fmt_http_date(time)
+}
+
+/// The result of evaluating the preconditions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Decision {
+    /// Every precondition holds (or none applies): perform the method.
+    Proceed,
+    /// A read whose representation the client already has: answer `304`.
+    NotModified,
+    /// A precondition failed: answer `412`.
+    PreconditionFailed,
+}
+
+/// Whether `method` is a read for the purposes of `If-None-Match` / `If-Modified-Since`.
+pub fn is_read(method: &Method) -> bool {
+    method == Method::GET || method == Method::HEAD
+}
+
+/// Evaluates `pre` for a request with `method` on a resource whose current version is
+/// `current` (`None` when the resource has no known version).
+///
+/// ```
+/// use http::Method;
+/// use tower_precondition::{evaluate::{evaluate, Decision, Preconditions}, etag::TagList};
+/// use tower_precondition::store::Version;
+///
+/// let current = Version::new("\"v2\"".parse().unwrap(), std::time::SystemTime::now()).unwrap();
+/// let stale = Preconditions {
+///     if_match: Some(TagList::Tags(vec!["\"v1\"".parse().unwrap()])),
+///     ..Default::default()
+/// };
+/// assert_eq!(evaluate(&Method::PUT, &stale, Some(&current)), Decision::PreconditionFailed);
+/// ```
+pub fn evaluate(method: &Method, pre: &Preconditions, current: Option<&Version>) -> Decision {
+    let read = is_read(method);
+
+    // Step 1 and 2.
+    if let Some(if_match) = &pre.if_match {
+        let holds = current.is_some_and(|v| if_match.strong_match(v.etag()));
+        if !holds {
+            return Decision::PreconditionFailed;
+        }
+    } else if let Some(since) = pre.if_unmodified_since {
+        let holds = match current {
+            Some(v) => unmodified_since(v, since),
+            // Nothing to compare with: the RFC ignores the field; a write fails closed.
+            None => read,
+        };
+        if !holds {
+            return Decision::PreconditionFailed;
+        }
+    }
+
+    // Step 3 and 4.
+    if let Some(if_none_match) = &pre.if_none_match {
+        let matched = current.is_some_and(|v| if_none_match.weak_match(v.etag()));
+        if matched {
+            return if read {
+                Decision::NotModified
+            } else {
+                Decision::PreconditionFailed
+            };
+        }
+    } else if let (true, Some(since), Some(v)) = (read, pre.if_modified_since, current) {
+        if unmodified_since(v, since) {
+            return Decision::NotModified;
+        }
+    }
+
+    Decision::Proceed
+}
+
+/// Whether `version` was last modified no later than `since` (whole seconds), counting
+/// an ambiguous date as modified within its second.
+fn unmodified_since(version: &Version, since: u64) -> bool {
+    let modified = version.last_modified_secs();
+    modified < since || (modified == since && !version.last_modified_ambiguous())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::etag::EntityTag;
+    use http::HeaderValue;
+
+    const T: u64 = 784_111_777; // Sun, 06 Nov 1994 08:49:37 GMT
+
+    fn version(tag: &str, secs: u64) -> Version {
+        Version::from_parts(EntityTag::strong(tag).unwrap(), secs, false).unwrap()
+    }
+
+    fn headers(pairs: &[(HeaderName, &str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (name, value) in pairs {
+            h.append(name.clone(), HeaderValue::from_str(value).unwrap());
+        }
+        h
+    }
+
+    #[test]
+    fn all_three_date_forms_parse() {
+        for date in [
+            "Sun, 06 Nov 1994 08:49:37 GMT",
+            "Sunday, 06-Nov-94 08:49:37 GMT",
+            "Sun Nov  6 08:49:37 1994",
+        ] {
+            let pre = Preconditions::from_headers(&headers(&[(header::IF_MODIFIED_SINCE, date)]))
+                .unwrap();
+            assert_eq!(pre.if_modified_since, Some(T), "{date}");
+        }
+    }
+
+    #[test]
+    fn invalid_or_repeated_dates_are_ignored() {
+        for bad in ["yesterday", "Sun, 06 Nov 1994 08:49:37", "0", ""] {
+            let pre = Preconditions::from_headers(&headers(&[(header::IF_UNMODIFIED_SINCE, bad)]))
+                .unwrap();
+            assert_eq!(pre.if_unmodified_since, None, "{bad}");
+        }
+        let two = headers(&[
+            (header::IF_MODIFIED_SINCE, "Sun, 06 Nov 1994 08:49:37 GMT"),
+            (header::IF_MODIFIED_SINCE, "Sun, 06 Nov 1994 08:49:37 GMT"),
+        ]);
+        assert_eq!(
+            Preconditions::from_headers(&two).unwrap().if_modified_since,
+            None
+        );
+    }
+
+    #[test]
+    fn ambiguous_second_fails_unmodified_since() {
+        let v = Version::from_parts(EntityTag::strong("b").unwrap(), T, true).unwrap();
+        let pre = Preconditions {
+            if_unmodified_since: Some(T),
+            ..Default::default()
+        };
+        assert_eq!(
+            evaluate(&Method::PUT, &pre, Some(&v)),
+            Decision::PreconditionFailed
+        );
+        let ims = Preconditions {
+            if_modified_since: Some(T),
+            ..Default::default()
+        };
+        assert_eq!(evaluate(&Method::GET, &ims, Some(&v)), Decision::Proceed);
+        // One second later the date is unambiguous again.
+        let later = Preconditions {
+            if_unmodified_since: Some(T + 1),
+            ..Default::default()
+        };
+        assert_eq!(evaluate(&Method::PUT, &later, Some(&v)), Decision::Proceed);
+    }
+
+    #[test]
+    fn unmodified_since_without_version() {
+        let pre = Preconditions {
+            if_unmodified_since: Some(T),
+            ..Default::default()
+        };
+        assert_eq!(
+            evaluate(&Method::PUT, &pre, None),
+            Decision::PreconditionFailed
+        );
+        assert_eq!(evaluate(&Method::GET, &pre, None), Decision::Proceed);
+    }
+
+    #[test]
+    fn if_match_beats_unmodified_since() {
+        let v = version("a", T);
+        let pre = Preconditions {
+            if_match: Some(TagList::Tags(vec![EntityTag::strong("a").unwrap()])),
+            if_unmodified_since: Some(T - 100),
+            ..Default::default()
+        };
+        assert_eq!(evaluate(&Method::PUT, &pre, Some(&v)), Decision::Proceed);
+    }
+
+    #[test]
+    fn guards_write() {
+        assert!(!Preconditions::default().guards_write());
+        let ims = Preconditions {
+            if_modified_since: Some(T),
+            ..Default::default()
+        };
+        assert!(!ims.guards_write() && !ims.is_empty());
+    }
+}

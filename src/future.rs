@@ -1,0 +1,466 @@
+//! The response future: a state machine that sequences the store steps around the
+//! inner service.
+//!
+//! ```text
+//! read:   Loading ──> Reading ──> (Finishing: seed / clear) ──> response
+//! write:  Reserving ──> Writing (with deadline) ──> Finishing (settle) ──> response
+//! either: Ready (a response the layer wrote) | Passthrough (not ours to version)
+//! ```
+//!
+//! Store steps are boxed futures (they are `async_trait` calls anyway); the inner
+//! service's future is pinned in place. A write's lease is owned by a `WriteGuard`
+//! that settles itself if this future is dropped (a client that disconnects mid-write).
+
+use std::{
+    future::Future,
+    pin::Pin,
+    sync::Arc,
+    task::{ready, Context, Poll},
+};
+
+use http::{header, HeaderMap, Method, Request, Response, StatusCode};
+use pin_project_lite::pin_project;
+use tokio::time::Sleep;
+use tower_service::Service;
+
+use crate::{
+    body::ResponseBody,
+    etag::EntityTag,
+    evaluate::{evaluate, Decision, Preconditions},
+    layer::Config,
+    protocol::{self, Seeded, Settlement, WriteGuard},
+    response::{not_modified, remove_validators, set_validators, Problem},
+    store::{Entry, StoreError, Version},
+};
+
+type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
+type Output<B, E> = Result<Response<ResponseBody<B>>, E>;
+
+pin_project! {
+    /// Response future of [`PreconditionService`](crate::PreconditionService).
+    pub struct ResponseFuture<S, ReqBody, ResBody>
+    where
+        S: Service<Request<ReqBody>, Response = Response<ResBody>>,
+    {
+        #[pin]
+        state: State<S, ReqBody, ResBody>,
+        ctx: Option<Box<Ctx>>,
+        guard: Option<WriteGuard>,
+    }
+}
+
+pin_project! {
+    #[project = StateProj]
+    enum State<S, ReqBody, ResBody>
+    where
+        S: Service<Request<ReqBody>, Response = Response<ResBody>>,
+    {
+        Ready { response: Option<Response<ResponseBody<ResBody>>> },
+        Passthrough { #[pin] future: S::Future },
+        Loading {
+            load: BoxFuture<Result<Option<Entry>, StoreError>>,
+            inner: Option<S>,
+            request: Option<Request<ReqBody>>,
+        },
+        Reading { #[pin] future: S::Future, read: Option<ReadState> },
+        Reserving {
+            reserve: BoxFuture<Result<WriteGuard, Problem>>,
+            inner: Option<S>,
+            request: Option<Request<ReqBody>>,
+        },
+        Writing { #[pin] future: S::Future, #[pin] deadline: Sleep },
+        Finishing { finish: BoxFuture<Output<ResBody, S::Error>> },
+    }
+}
+
+/// What a request of ours carries from one state to the next.
+struct Ctx {
+    config: Arc<Config>,
+    key: Arc<str>,
+    method: Method,
+    pre: Preconditions,
+}
+
+/// What the read path learned from the store before running the handler.
+enum ReadState {
+    /// The store failed: serve the handler's answer without validators.
+    StoreFailed,
+    /// The resource has a committed version and the preconditions hold.
+    Versioned(Entry, Version),
+    /// The client's copy is current, but the handler runs to supply the 304's headers.
+    NotModified(Version),
+    /// No committed version (no entry, or a create in flight).
+    Unversioned(Option<Entry>),
+}
+
+impl<S, ReqBody, ResBody> ResponseFuture<S, ReqBody, ResBody>
+where
+    S: Service<Request<ReqBody>, Response = Response<ResBody>>,
+{
+    fn with_state(state: State<S, ReqBody, ResBody>, ctx: Option<Ctx>) -> Self {
+        Self {
+            state,
+            ctx: ctx.map(Box::new),
+            guard: None,
+        }
+    }
+
+    pub(crate) fn passthrough(future: S::Future) -> Self {
+        Self::with_state(State::Passthrough { future }, None)
+    }
+
+    pub(crate) fn problem(problem: Problem) -> Self {
+        Self::with_state(
+            State::Ready {
+                response: Some(problem.into_response()),
+            },
+            None,
+        )
+    }
+
+    pub(crate) fn read(
+        load: BoxFuture<Result<Option<Entry>, StoreError>>,
+        inner: S,
+        request: Request<ReqBody>,
+        config: Arc<Config>,
+        key: Arc<str>,
+        method: Method,
+        pre: Preconditions,
+    ) -> Self {
+        let state = State::Loading {
+            load,
+            inner: Some(inner),
+            request: Some(request),
+        };
+        Self::with_state(
+            state,
+            Some(Ctx {
+                config,
+                key,
+                method,
+                pre,
+            }),
+        )
+    }
+
+    pub(crate) fn write(
+        reserve: BoxFuture<Result<WriteGuard, Problem>>,
+        inner: S,
+        request: Request<ReqBody>,
+        config: Arc<Config>,
+        key: Arc<str>,
+        method: Method,
+        pre: Preconditions,
+    ) -> Self {
+        let state = State::Reserving {
+            reserve,
+            inner: Some(inner),
+            request: Some(request),
+        };
+        Self::with_state(
+            state,
+            Some(Ctx {
+                config,
+                key,
+                method,
+                pre,
+            }),
+        )
+    }
+}
+
+impl<S, ReqBody, ResBody> Future for ResponseFuture<S, ReqBody, ResBody>
+where
+    S: Service<Request<ReqBody>, Response = Response<ResBody>>,
+    S::Error: Send + 'static,
+    ResBody: Send + 'static,
+{
+    type Output = Output<ResBody, S::Error>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let mut this = self.project();
+        loop {
+            let next = match this.state.as_mut().project() {
+                StateProj::Ready { response } => {
+                    let response = response
+                        .take()
+                        .expect("ResponseFuture polled after completion");
+                    return Poll::Ready(Ok(response));
+                }
+                StateProj::Passthrough { future } => {
+                    let response = ready!(future.poll(cx))?;
+                    return Poll::Ready(Ok(response.map(ResponseBody::inner)));
+                }
+                StateProj::Finishing { finish } => return finish.as_mut().poll(cx),
+
+                StateProj::Loading {
+                    load,
+                    inner,
+                    request,
+                } => {
+                    let loaded = ready!(load.as_mut().poll(cx));
+                    let ctx = this.ctx.as_deref().expect("read context");
+                    let (mut inner, request) = take_pair(inner, request);
+                    match read_state(ctx, loaded) {
+                        Ok(read) => State::Reading {
+                            future: inner.call(request),
+                            read: Some(read),
+                        },
+                        Err(response) => State::Ready {
+                            response: Some(response),
+                        },
+                    }
+                }
+                StateProj::Reading { future, read } => {
+                    let response = ready!(future.poll(cx))?;
+                    let ctx = this.ctx.take().expect("read context");
+                    let read = read.take().expect("read state");
+                    finish_read(*ctx, read, response)
+                }
+
+                StateProj::Reserving {
+                    reserve,
+                    inner,
+                    request,
+                } => {
+                    let reserved = ready!(reserve.as_mut().poll(cx));
+                    let (mut inner, mut request) = take_pair(inner, request);
+                    match reserved {
+                        Ok(mut guard) => {
+                            let ctx = this.ctx.as_deref().expect("write context");
+                            request.extensions_mut().insert(guard.reservation());
+                            guard.handler_started();
+                            *this.guard = Some(guard);
+                            State::Writing {
+                                future: inner.call(request),
+                                deadline: tokio::time::sleep(ctx.config.handler_deadline()),
+                            }
+                        }
+                        Err(problem) => State::Ready {
+                            response: Some(problem.into_response()),
+                        },
+                    }
+                }
+                StateProj::Writing { future, deadline } => {
+                    let ctx = this.ctx.take().expect("write context");
+                    let guard = this.guard.take().expect("write guard");
+                    match future.poll(cx) {
+                        Poll::Ready(result) => State::Finishing {
+                            finish: Box::pin(finish_write(*ctx, guard, result)),
+                        },
+                        Poll::Pending => {
+                            if deadline.poll(cx).is_pending() {
+                                *this.ctx = Some(ctx);
+                                *this.guard = Some(guard);
+                                return Poll::Pending;
+                            }
+                            // Dropping the handler's future (by leaving this state)
+                            // cancels it; the outcome is unknown, so: a fresh version.
+                            tracing::warn!(key = &*ctx.key, "handler missed its deadline (503)");
+                            State::Finishing {
+                                finish: Box::pin(timed_out(*ctx, guard)),
+                            }
+                        }
+                    }
+                }
+            };
+            this.state.set(next);
+        }
+    }
+}
+
+fn take_pair<S, R>(inner: &mut Option<S>, request: &mut Option<R>) -> (S, R) {
+    (
+        inner.take().expect("inner service taken once"),
+        request.take().expect("request taken once"),
+    )
+}
+
+/// Decides a read from the loaded entry: answer now (`304` / `412`), or run the handler.
+fn read_state<B>(
+    ctx: &Ctx,
+    loaded: Result<Option<Entry>, StoreError>,
+) -> Result<ReadState, Response<ResponseBody<B>>> {
+    let key = &*ctx.key;
+    let entry = match loaded {
+        Ok(entry) => entry,
+        Err(error) => {
+            tracing::warn!(key, %error, "version store failed; serving the read without validators");
+            return Ok(ReadState::StoreFailed);
+        }
+    };
+    let Some(version) = entry.as_ref().and_then(Entry::version).cloned() else {
+        return Ok(ReadState::Unversioned(entry));
+    };
+    match evaluate(&ctx.method, &ctx.pre, Some(&version)) {
+        Decision::Proceed => Ok(ReadState::Versioned(entry.expect("has a version"), version)),
+        Decision::NotModified if ctx.config.short_circuit_reads => {
+            tracing::debug!(key, "not modified (304)");
+            Err(not_modified(&version))
+        }
+        Decision::NotModified => Ok(ReadState::NotModified(version)),
+        Decision::PreconditionFailed => {
+            tracing::info!(key, "precondition failed on a read (412)");
+            Err(Problem::precondition_failed(Some(version)).into_response())
+        }
+    }
+}
+
+fn finish_read<S, ReqBody, ResBody>(
+    ctx: Ctx,
+    read: ReadState,
+    mut response: Response<ResBody>,
+) -> State<S, ReqBody, ResBody>
+where
+    S: Service<Request<ReqBody>, Response = Response<ResBody>>,
+    S::Error: Send + 'static,
+    ResBody: Send + 'static,
+{
+    let ready = |response: Response<ResponseBody<ResBody>>| State::Ready {
+        response: Some(response),
+    };
+    let success = response.status().is_success();
+    match read {
+        ReadState::StoreFailed => {
+            remove_validators(response.headers_mut());
+            ready(response.map(ResponseBody::inner))
+        }
+        ReadState::Versioned(entry, version) => {
+            if success {
+                set_validators(response.headers_mut(), &version);
+            } else if is_gone(response.status()) && entry.lease().is_none() {
+                return State::Finishing {
+                    finish: Box::pin(async move {
+                        protocol::clear_gone(&ctx.config, &ctx.key, &entry).await;
+                        Ok(response.map(ResponseBody::inner))
+                    }),
+                };
+            }
+            ready(response.map(ResponseBody::inner))
+        }
+        ReadState::NotModified(version) => {
+            if success {
+                tracing::debug!(key = &*ctx.key, "not modified (304, handler ran)");
+                ready(into_not_modified(response, &version))
+            } else {
+                ready(response.map(ResponseBody::inner))
+            }
+        }
+        ReadState::Unversioned(entry) => {
+            if !success {
+                return ready(response.map(ResponseBody::inner));
+            }
+            if entry.is_some() {
+                // A create is in flight: our body may predate it.
+                return ready(unverifiable(&ctx.pre, response));
+            }
+            let handler_etag = strong_etag(response.headers(), &ctx.key);
+            State::Finishing {
+                finish: Box::pin(async move {
+                    match protocol::seed(&ctx.config, &ctx.key, handler_etag).await {
+                        Ok(Seeded::Version(version)) => Ok(answer_seeded(&ctx, response, &version)),
+                        Ok(Seeded::Unknown) => Ok(unverifiable(&ctx.pre, response)),
+                        Err(error) => {
+                            tracing::warn!(key = &*ctx.key, %error, "could not seed a version");
+                            Ok(unverifiable(&ctx.pre, response))
+                        }
+                    }
+                }),
+            }
+        }
+    }
+}
+
+fn is_gone(status: StatusCode) -> bool {
+    status == StatusCode::NOT_FOUND || status == StatusCode::GONE
+}
+
+/// The answer to a read whose resource was just given its first version.
+fn answer_seeded<B>(
+    ctx: &Ctx,
+    mut response: Response<B>,
+    version: &Version,
+) -> Response<ResponseBody<B>> {
+    match evaluate(&ctx.method, &ctx.pre, Some(version)) {
+        Decision::Proceed => {
+            set_validators(response.headers_mut(), version);
+            response.map(ResponseBody::inner)
+        }
+        Decision::NotModified => into_not_modified(response, version),
+        Decision::PreconditionFailed => {
+            Problem::precondition_failed(Some(version.clone())).into_response()
+        }
+    }
+}
+
+/// A 2xx read the layer cannot label with a version: no validators, and an `If-Match`
+/// naming tags cannot be confirmed, so it fails.
+fn unverifiable<B>(pre: &Preconditions, mut response: Response<B>) -> Response<ResponseBody<B>> {
+    if protocol::if_match_names_tags(pre) {
+        return Problem::precondition_failed(None).into_response();
+    }
+    remove_validators(response.headers_mut());
+    response.map(ResponseBody::inner)
+}
+
+/// Turns a handler's 2xx into a `304`, keeping the headers a 304 must repeat
+/// (RFC 9110 section 15.4.5) and dropping the content.
+fn into_not_modified<B>(response: Response<B>, version: &Version) -> Response<ResponseBody<B>> {
+    let (mut parts, _body) = response.into_parts();
+    parts.status = StatusCode::NOT_MODIFIED;
+    for name in [
+        header::CONTENT_LENGTH,
+        header::TRANSFER_ENCODING,
+        header::CONTENT_TYPE,
+    ] {
+        parts.headers.remove(name);
+    }
+    set_validators(&mut parts.headers, version);
+    Response::from_parts(parts, ResponseBody::empty())
+}
+
+/// The handler's own strong `ETag`, if it set exactly one valid one.
+fn strong_etag(headers: &HeaderMap, key: &str) -> Option<EntityTag> {
+    let mut values = headers.get_all(header::ETAG).iter();
+    let value = values.next()?;
+    let tag = EntityTag::parse_bytes(value.as_bytes())
+        .ok()
+        .filter(|t| !t.is_weak());
+    if tag.is_none() || values.next().is_some() {
+        tracing::warn!(
+            key,
+            "handler ETag is not one strong entity tag; the layer generates one"
+        );
+        return None;
+    }
+    tag
+}
+
+async fn finish_write<B, E>(
+    ctx: Ctx,
+    guard: WriteGuard,
+    result: Result<Response<B>, E>,
+) -> Output<B, E> {
+    let settlement = match &result {
+        Err(_) => Settlement::Fresh,
+        Ok(r) if r.status().is_success() && ctx.method == Method::DELETE => Settlement::Remove,
+        Ok(r) if r.status().is_success() => Settlement::Commit(strong_etag(r.headers(), &ctx.key)),
+        Ok(r) if r.status().is_client_error() => Settlement::Release,
+        Ok(_) => Settlement::Fresh,
+    };
+    let released = settlement == Settlement::Release;
+    let settled = guard.settle(settlement).await;
+    let mut response = result?;
+    if !released {
+        match settled {
+            Ok(Some(version)) => set_validators(response.headers_mut(), &version),
+            _ => remove_validators(response.headers_mut()),
+        }
+    }
+    Ok(response.map(ResponseBody::inner))
+}
+
+async fn timed_out<B, E>(ctx: Ctx, guard: WriteGuard) -> Output<B, E> {
+    let _ = guard.settle(Settlement::Fresh).await;
+    Ok(Problem::handler_timeout(ctx.config.retry_after).into_response())
+}

@@ -1,0 +1,112 @@
+//! HTTP conditional requests (RFC 9110 section 13) for [Tower](https://docs.rs/tower)
+//! services, with the precondition check and the write made **one atomic
+//! compare-and-set**, so that no update is ever lost.
+//!
+//! # The bug this prevents
+//!
+//! Two clients GET `/items/1` and both receive `ETag: "a"`. Both PUT with
+//! `If-Match: "a"`. A server that compares the tag and then writes, in two steps, lets
+//! both pass: one update silently overwrites the other. [`PreconditionLayer`] evaluates
+//! the preconditions and reserves the resource in one compare-and-set in an
+//! [`AtomicVersionStore`], runs the handler, then commits the new version: of N
+//! concurrent writes carrying the same `If-Match`, at most one succeeds; the others get
+//! `412 Precondition Failed` (with the current `ETag`) or `409 Conflict` while the
+//! winner is still in flight.
+//!
+//! # Example
+//!
+//! ```
+//! use axum::{body::Body, http::{header, Request, StatusCode}, routing::get, Router};
+//! use tower::ServiceExt;
+//! use tower_precondition::{MemoryStore, PreconditionLayer};
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() {
+//! let app = Router::new()
+//!     .route("/items/{id}", get(|| async { "v1" }).put(|| async { StatusCode::NO_CONTENT }))
+//!     .layer(PreconditionLayer::new(MemoryStore::new()));
+//!
+//! // A read gets an ETag.
+//! let read = app.clone().oneshot(Request::get("/items/1").body(Body::empty()).unwrap()).await.unwrap();
+//! let etag = read.headers()[header::ETAG].clone();
+//!
+//! // Two writes with that ETag: the first wins...
+//! let put = || Request::put("/items/1").header(header::IF_MATCH, etag.clone()).body(Body::empty()).unwrap();
+//! let first = app.clone().oneshot(put()).await.unwrap();
+//! assert_eq!(first.status(), StatusCode::NO_CONTENT);
+//!
+//! // ...and the second, based on the same stale version, is refused.
+//! let second = app.clone().oneshot(put()).await.unwrap();
+//! assert_eq!(second.status(), StatusCode::PRECONDITION_FAILED);
+//! assert_eq!(second.headers()[header::ETAG], first.headers()[header::ETAG]);
+//! # }
+//! ```
+//!
+//! # How a write works: reserve, run, settle
+//!
+//! 1. **Reserve.** The preconditions are evaluated against the resource's current entry
+//!    and, in the same compare-and-set, a lease (a random token and an expiry) is put on
+//!    it. A write that finds a live lease gets `409`; a failed precondition gets `412`.
+//! 2. **Run** the handler, which finds a [`Reservation`] in the request extensions.
+//! 3. **Settle** with one compare-and-set that must still find our lease: a `2xx`
+//!    commits a new version (the handler's strong `ETag` if it set one), a `4xx`
+//!    releases the lease and keeps the old version, and anything else — a `5xx`, an
+//!    error, a missed deadline, a client that disconnected — commits a *fresh* version,
+//!    so every old `ETag` fails from then on.
+//!
+//! Reads get `ETag` / `Last-Modified`, and `304` when `If-None-Match` /
+//! `If-Modified-Since` match. A store that cannot be reached fails writes closed
+//! (`503` with `Retry-After`); reads are then served without validators.
+//!
+//! The layer needs a Tokio runtime with the time driver (for its deadlines).
+//!
+//! # Status codes the layer writes
+//!
+//! | code | when |
+//! | --- | --- |
+//! | 304 | a read whose `If-None-Match` / `If-Modified-Since` matches |
+//! | 400 | a malformed `If-Match` / `If-None-Match` |
+//! | 409 | a write while another write on the same resource is in flight |
+//! | 412 | a precondition evaluated false (with the current `ETag` and `Last-Modified`) |
+//! | 428 | [`require_precondition`](PreconditionLayer::require_precondition) is on and a write has no precondition |
+//! | 503 | the version store failed or timed out, or a handler missed its deadline |
+//!
+//! Every body the layer writes is `application/problem+json` (RFC 9457).
+//!
+//! # Feature flags
+//!
+//! | feature | what it adds |
+//! | --- | --- |
+//! | `memory` (default) | [`MemoryStore`] |
+//! | `redis` | `store::RedisStore`, shared by many processes through Redis |
+//! | `postgres` | `store::PostgresStore` and the transactional mode |
+//! | `axum` | axum extractors |
+//! | `testing` | `store::testing`, the contract suite any store can run |
+
+#![cfg_attr(docsrs, feature(doc_auto_cfg))]
+#![deny(missing_docs, unreachable_pub, unsafe_code)]
+#![warn(rust_2018_idioms, missing_debug_implementations)]
+
+mod body;
+pub mod etag;
+pub mod evaluate;
+mod fresh;
+mod future;
+mod layer;
+mod protocol;
+mod response;
+mod service;
+pub mod store;
+
+pub use crate::{
+    body::ResponseBody,
+    etag::EntityTag,
+    future::ResponseFuture,
+    layer::PreconditionLayer,
+    protocol::Reservation,
+    service::PreconditionService,
+    store::{AtomicVersionStore, Entry, StoreError, Version},
+};
+
+#[cfg(feature = "memory")]
+pub use crate::store::MemoryStore;

@@ -1,0 +1,245 @@
+//! The responses the layer writes itself: `304`, and problem+json (RFC 9457) documents
+//! for `400`, `409`, `412`, `428` and `503`.
+//!
+//! Every problem document has the RFC 9457 members `type`, `title`, `status` and
+//! `detail`, plus `code`, a stable snake-case name for programs to match on.
+//! A `412` also carries the current `ETag` and `Last-Modified` as headers (and the tag in
+//! the `current_etag` member) so the client can re-sync without another request.
+
+use std::{fmt::Write as _, time::Duration};
+
+use bytes::Bytes;
+use http::{
+    header::{self, HeaderValue},
+    HeaderMap, Response, StatusCode,
+};
+
+use crate::{body::ResponseBody, evaluate::http_date, store::Version};
+
+const PROBLEM_JSON: HeaderValue = HeaderValue::from_static("application/problem+json");
+
+/// Sets `ETag` and `Last-Modified` for `version`.
+pub(crate) fn set_validators(headers: &mut HeaderMap, version: &Version) {
+    headers.insert(header::ETAG, version.etag().to_header_value());
+    if let Ok(date) = HeaderValue::from_str(&http_date(version.last_modified())) {
+        headers.insert(header::LAST_MODIFIED, date);
+    }
+}
+
+/// Removes validators a response must not carry when the layer cannot vouch for them.
+pub(crate) fn remove_validators(headers: &mut HeaderMap) {
+    headers.remove(header::ETAG);
+    headers.remove(header::LAST_MODIFIED);
+}
+
+/// `304 Not Modified` with the validators of `version`.
+pub(crate) fn not_modified<B>(version: &Version) -> Response<ResponseBody<B>> {
+    let mut response = Response::new(ResponseBody::empty());
+    *response.status_mut() = StatusCode::NOT_MODIFIED;
+    set_validators(response.headers_mut(), version);
+    response
+}
+
+/// A problem the layer reports.
+pub(crate) struct Problem {
+    status: StatusCode,
+    code: &'static str,
+    title: &'static str,
+    detail: String,
+    current: Option<Version>,
+    retry_after: Option<Duration>,
+}
+
+impl Problem {
+    fn new(status: StatusCode, code: &'static str, title: &'static str, detail: String) -> Self {
+        Self {
+            status,
+            code,
+            title,
+            detail,
+            current: None,
+            retry_after: None,
+        }
+    }
+
+    /// `400`: a malformed precondition header.
+    pub(crate) fn bad_request(detail: String) -> Self {
+        Self::new(
+            StatusCode::BAD_REQUEST,
+            "malformed_precondition",
+            "Malformed precondition header",
+            detail,
+        )
+    }
+
+    /// `409`: another write on the same resource is in flight.
+    pub(crate) fn write_in_flight(retry_after: Duration) -> Self {
+        Self {
+            retry_after: Some(retry_after),
+            ..Self::new(
+                StatusCode::CONFLICT,
+                "conditional_request_conflict",
+                "Conflicting write in flight",
+                "Another write to this resource is in progress. Retry after the delay in \
+                 Retry-After, re-reading the resource if your precondition fails."
+                    .into(),
+            )
+        }
+    }
+
+    /// `412`: a precondition evaluated to false.
+    pub(crate) fn precondition_failed(current: Option<Version>) -> Self {
+        let detail = match &current {
+            Some(_) => {
+                "The resource has changed since you last read it. Fetch it again \
+                        (its current ETag is in the ETag header) and resend your change \
+                        with the new ETag in If-Match."
+            }
+            None => {
+                "The resource has no current version that matches your precondition. \
+                     Fetch it again before resending your change."
+            }
+        };
+        Self {
+            current,
+            ..Self::new(
+                StatusCode::PRECONDITION_FAILED,
+                "precondition_failed",
+                "Precondition failed",
+                detail.into(),
+            )
+        }
+    }
+
+    /// `428`: the policy requires a precondition on this method.
+    pub(crate) fn precondition_required(method: &http::Method) -> Self {
+        Self::new(
+            StatusCode::PRECONDITION_REQUIRED,
+            "precondition_required",
+            "Precondition required",
+            format!(
+                "{method} requests to this resource must be conditional. GET the resource, \
+                 then resend this request with `If-Match: <its ETag>` (or `If-None-Match: *` \
+                 to create a resource that must not exist yet)."
+            ),
+        )
+    }
+
+    /// `503`: the version store failed or timed out.
+    pub(crate) fn store_unavailable(retry_after: Duration) -> Self {
+        Self {
+            retry_after: Some(retry_after),
+            ..Self::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "version_store_unavailable",
+                "Version store unavailable",
+                "The version store could not be reached, so the write was not attempted. \
+                 Retry after the delay in Retry-After."
+                    .into(),
+            )
+        }
+    }
+
+    /// `503`: the handler did not finish within its deadline.
+    pub(crate) fn handler_timeout(retry_after: Duration) -> Self {
+        Self {
+            retry_after: Some(retry_after),
+            ..Self::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "write_timed_out",
+                "Write timed out",
+                "The write did not finish in time and may or may not have been applied. \
+                 The resource has a new version: fetch it before retrying."
+                    .into(),
+            )
+        }
+    }
+
+    /// The problem as an HTTP response.
+    pub(crate) fn into_response<B>(self) -> Response<ResponseBody<B>> {
+        let mut json = String::with_capacity(256);
+        json.push_str("{\"type\":\"");
+        json.push_str(type_uri(self.status));
+        json.push_str("\",\"title\":");
+        push_json_string(&mut json, self.title);
+        let _ = write!(
+            json,
+            ",\"status\":{},\"code\":\"{}\",\"detail\":",
+            self.status.as_u16(),
+            self.code
+        );
+        push_json_string(&mut json, &self.detail);
+        if let Some(version) = &self.current {
+            json.push_str(",\"current_etag\":");
+            push_json_string(&mut json, &version.etag().to_string());
+        }
+        json.push('}');
+
+        let mut response = Response::new(ResponseBody::full(Bytes::from(json)));
+        *response.status_mut() = self.status;
+        let headers = response.headers_mut();
+        headers.insert(header::CONTENT_TYPE, PROBLEM_JSON);
+        headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+        if let Some(version) = &self.current {
+            set_validators(headers, version);
+        }
+        if let Some(delay) = self.retry_after {
+            let secs = delay.as_secs() + u64::from(delay.subsec_nanos() > 0);
+            headers.insert(header::RETRY_AFTER, HeaderValue::from(secs.max(1)));
+        }
+        response
+    }
+}
+
+fn type_uri(status: StatusCode) -> &'static str {
+    match status.as_u16() {
+        400 => "https://www.rfc-editor.org/rfc/rfc9110#status.400",
+        409 => "https://www.rfc-editor.org/rfc/rfc9110#status.409",
+        412 => "https://www.rfc-editor.org/rfc/rfc9110#status.412",
+        428 => "https://www.rfc-editor.org/rfc/rfc6585#section-3",
+        503 => "https://www.rfc-editor.org/rfc/rfc9110#status.503",
+        _ => "about:blank",
+    }
+}
+
+/// Appends `value` as a JSON string literal (RFC 8259 escaping).
+fn push_json_string(out: &mut String, value: &str) {
+    out.push('"');
+    for c in value.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            c if u32::from(c) < 0x20 => {
+                let _ = write!(out, "\\u{:04x}", u32::from(c));
+            }
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn json_escaping() {
+        let mut s = String::new();
+        push_json_string(&mut s, "a\"b\\c\nd\u{1}é");
+        assert_eq!(s, "\"a\\\"b\\\\c\\nd\\u0001é\"");
+    }
+
+    #[test]
+    fn retry_after_rounds_up() {
+        let response: Response<ResponseBody<()>> =
+            Problem::write_in_flight(Duration::from_millis(1500)).into_response();
+        assert_eq!(response.headers()[header::RETRY_AFTER], "2");
+        assert_eq!(
+            response.headers()[header::CONTENT_TYPE],
+            "application/problem+json"
+        );
+    }
+}

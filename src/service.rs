@@ -1,0 +1,116 @@
+//! [`PreconditionService`]: classifies a request and starts its response future.
+
+use std::{
+    sync::Arc,
+    task::{Context, Poll},
+};
+
+use http::{Request, Response};
+use tower_service::Service;
+
+use crate::{
+    body::ResponseBody,
+    evaluate::{is_read, Preconditions},
+    future::ResponseFuture,
+    layer::Config,
+    protocol,
+    response::Problem,
+};
+
+/// The middleware built by [`PreconditionLayer`](crate::PreconditionLayer).
+#[derive(Clone)]
+pub struct PreconditionService<S> {
+    inner: S,
+    config: Arc<Config>,
+}
+
+impl<S: std::fmt::Debug> std::fmt::Debug for PreconditionService<S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PreconditionService")
+            .field("inner", &self.inner)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<S> PreconditionService<S> {
+    pub(crate) fn new(inner: S, config: Arc<Config>) -> Self {
+        Self { inner, config }
+    }
+
+    /// The wrapped service.
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+
+    /// The wrapped service, mutably.
+    pub fn get_mut(&mut self) -> &mut S {
+        &mut self.inner
+    }
+
+    /// Consumes the middleware, returning the wrapped service.
+    pub fn into_inner(self) -> S {
+        self.inner
+    }
+}
+
+impl<S, ReqBody, ResBody> Service<Request<ReqBody>> for PreconditionService<S>
+where
+    S: Service<Request<ReqBody>, Response = Response<ResBody>> + Clone,
+    S::Error: Send + 'static,
+    ResBody: Send + 'static,
+{
+    type Response = Response<ResponseBody<ResBody>>;
+    type Error = S::Error;
+    type Future = ResponseFuture<S, ReqBody, ResBody>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: Request<ReqBody>) -> Self::Future {
+        let method = request.method().clone();
+        let read = is_read(&method);
+        if !read && !self.config.write_methods.contains(&method) {
+            return ResponseFuture::passthrough(self.inner.call(request));
+        }
+        let (parts, body) = request.into_parts();
+        let key = (self.config.key)(&parts);
+        let request = Request::from_parts(parts, body);
+        let Some(key) = key else {
+            return ResponseFuture::passthrough(self.inner.call(request));
+        };
+        let key: Arc<str> = key.into();
+
+        let pre = match Preconditions::from_headers(request.headers()) {
+            Ok(pre) => pre,
+            Err(error) => {
+                tracing::info!(key = &*key, %method, %error, "malformed precondition (400)");
+                return ResponseFuture::problem(Problem::bad_request(error.to_string()));
+            }
+        };
+        if !read && self.config.require_precondition && !pre.guards_write() {
+            tracing::info!(key = &*key, %method, "unconditional write refused (428)");
+            return ResponseFuture::problem(Problem::precondition_required(&method));
+        }
+
+        // The inner service we were driven ready: keep it for after the store step,
+        // leave a clone in its place (tower's readiness contract).
+        let clone = self.inner.clone();
+        let inner = std::mem::replace(&mut self.inner, clone);
+        let config = self.config.clone();
+        if read {
+            let load = {
+                let config = config.clone();
+                let key = key.clone();
+                async move {
+                    protocol::with_timeout(config.store_timeout, config.store.load(&key)).await
+                }
+            };
+            ResponseFuture::read(Box::pin(load), inner, request, config, key, method, pre)
+        } else {
+            let reserve =
+                protocol::reserve(config.clone(), key.clone(), method.clone(), pre.clone());
+            ResponseFuture::write(Box::pin(reserve), inner, request, config, key, method, pre)
+        }
+    }
+}

@@ -1,0 +1,501 @@
+//! The version store: one atomic compare-and-set of a whole [`Entry`].
+//!
+//! A backend implements [`AtomicVersionStore`]: [`load`](AtomicVersionStore::load) and
+//! [`compare_and_set`](AtomicVersionStore::compare_and_set). The layer builds every step
+//! of the write protocol (reserve, commit, release, lease takeover) on that one
+//! primitive, so a backend needs no HTTP knowledge.
+//!
+//! # The contract
+//!
+//! `compare_and_set(key, expected, new)`:
+//!
+//! * replaces the stored entry by `new` (or removes it when `new` is `None`) if and only
+//!   if the stored entry equals `expected` exactly (or is absent when `expected` is
+//!   `None`), as one atomic step with respect to every other call on the same key;
+//! * on a mismatch, answers [`CasOutcome::Mismatch`] with the entry it actually found, so
+//!   the caller never needs a second round trip to learn why;
+//! * is replay-safe: if the stored entry already equals `new`, it answers
+//!   [`CasOutcome::Applied`] (a client library that re-sent a command that had already
+//!   run must not turn a success into a conflict). Entries the layer writes carry
+//!   unique tokens and tags, so "already equals `new`" can only mean "this write ran".
+//!
+//! The `testing` module (feature `testing`) runs this contract against any store.
+//!
+//! # Implementing a store
+//!
+//! ```
+//! use std::{collections::HashMap, sync::Mutex};
+//! use tower_precondition::store::{AtomicVersionStore, CasOutcome, Entry, StoreError};
+//!
+//! #[derive(Default)]
+//! struct MyStore(Mutex<HashMap<String, Entry>>);
+//!
+//! #[async_trait::async_trait]
+//! impl AtomicVersionStore for MyStore {
+//!     async fn load(&self, key: &str) -> Result<Option<Entry>, StoreError> {
+//!         let map = self.0.lock().map_err(|_| StoreError::unavailable("lock poisoned"))?;
+//!         Ok(map.get(key).cloned())
+//!     }
+//!
+//!     async fn compare_and_set(
+//!         &self,
+//!         key: &str,
+//!         expected: Option<&Entry>,
+//!         new: Option<&Entry>,
+//!     ) -> Result<CasOutcome, StoreError> {
+//!         let mut map = self.0.lock().map_err(|_| StoreError::unavailable("lock poisoned"))?;
+//!         let current = map.get(key);
+//!         if current == expected {
+//!             match new {
+//!                 Some(entry) => map.insert(key.to_owned(), entry.clone()),
+//!                 None => map.remove(key),
+//!             };
+//!             return Ok(CasOutcome::Applied);
+//!         }
+//!         Ok(CasOutcome::mismatch_or_replay(current.cloned(), new))
+//!     }
+//! }
+//! ```
+
+use std::{
+    fmt,
+    sync::Arc,
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+use crate::etag::EntityTag;
+
+#[cfg(feature = "memory")]
+mod memory;
+#[cfg(feature = "memory")]
+pub use memory::MemoryStore;
+
+#[cfg(feature = "redis")]
+pub mod redis;
+
+#[cfg(feature = "postgres")]
+pub mod postgres;
+
+#[cfg(feature = "testing")]
+pub mod testing;
+
+/// A committed version of a resource: a strong entity tag and a last-modified time.
+///
+/// `last_modified` has one-second resolution, as HTTP dates do. When two versions are
+/// committed within the same second (or a clock steps back), the second one is marked
+/// [`last_modified_ambiguous`](Self::last_modified_ambiguous): its date cannot tell it
+/// apart from its predecessor, so date-based preconditions (`If-Unmodified-Since`,
+/// `If-Modified-Since`) that name that second are evaluated conservatively.
+#[derive(Clone, PartialEq, Eq, Hash, Debug)]
+pub struct Version {
+    etag: EntityTag,
+    last_modified_secs: u64,
+    last_modified_ambiguous: bool,
+}
+
+impl Version {
+    /// A version with the given strong tag, last modified at `last_modified`
+    /// (truncated to whole seconds).
+    ///
+    /// Returns `None` if `etag` is weak: a stored version must support strong comparison.
+    pub fn new(etag: EntityTag, last_modified: SystemTime) -> Option<Self> {
+        Self::from_parts(etag, unix_secs(last_modified), false)
+    }
+
+    /// Rebuilds a version from its stored parts (for store implementations).
+    ///
+    /// Returns `None` if `etag` is weak.
+    pub fn from_parts(etag: EntityTag, last_modified_secs: u64, ambiguous: bool) -> Option<Self> {
+        if etag.is_weak() {
+            return None;
+        }
+        Some(Self {
+            etag,
+            last_modified_secs,
+            last_modified_ambiguous: ambiguous,
+        })
+    }
+
+    /// The version that replaces `previous` at time `now`, with tag `etag`.
+    ///
+    /// The date never goes backwards, and a version committed in the same second as
+    /// its predecessor is marked ambiguous, so that a stale `If-Unmodified-Since` can
+    /// never pass (DESIGN.md: two writes within one second).
+    pub fn successor(previous: Option<&Version>, etag: EntityTag, now: SystemTime) -> Option<Self> {
+        let now = unix_secs(now);
+        let (secs, ambiguous) = match previous {
+            Some(prev) if prev.last_modified_secs >= now => (prev.last_modified_secs, true),
+            _ => (now, false),
+        };
+        Self::from_parts(etag, secs, ambiguous)
+    }
+
+    /// The strong entity tag of this version.
+    pub fn etag(&self) -> &EntityTag {
+        &self.etag
+    }
+
+    /// The last-modified time, whole seconds.
+    pub fn last_modified(&self) -> SystemTime {
+        UNIX_EPOCH + Duration::from_secs(self.last_modified_secs)
+    }
+
+    /// The last-modified time as seconds since the Unix epoch.
+    pub fn last_modified_secs(&self) -> u64 {
+        self.last_modified_secs
+    }
+
+    /// Whether another version was committed within the same last-modified second.
+    pub fn last_modified_ambiguous(&self) -> bool {
+        self.last_modified_ambiguous
+    }
+}
+
+/// A random 128-bit token that identifies one write's reservation.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct LeaseToken(u128);
+
+impl LeaseToken {
+    /// A fresh random token.
+    pub fn random() -> Self {
+        Self(crate::fresh::random_u128())
+    }
+
+    /// The token as a number (for store implementations).
+    pub fn as_u128(self) -> u128 {
+        self.0
+    }
+
+    /// Rebuilds a token from its number (for store implementations).
+    pub fn from_u128(value: u128) -> Self {
+        Self(value)
+    }
+
+    /// Parses the 32-digit lowercase hex form written by `Display`.
+    pub fn parse_hex(s: &str) -> Option<Self> {
+        if s.len() != 32 {
+            return None;
+        }
+        u128::from_str_radix(s, 16).ok().map(Self)
+    }
+}
+
+impl fmt::Display for LeaseToken {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:032x}", self.0)
+    }
+}
+
+impl fmt::Debug for LeaseToken {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "LeaseToken({self})")
+    }
+}
+
+/// A write in flight: who holds the resource and until when.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
+pub struct Lease {
+    token: LeaseToken,
+    expires_at_millis: u64,
+}
+
+impl Lease {
+    /// A lease with `token` that expires at `expires_at` (millisecond resolution).
+    pub fn new(token: LeaseToken, expires_at: SystemTime) -> Self {
+        Self::from_parts(token, unix_millis(expires_at))
+    }
+
+    /// Rebuilds a lease from its stored parts (for store implementations).
+    pub fn from_parts(token: LeaseToken, expires_at_millis: u64) -> Self {
+        Self {
+            token,
+            expires_at_millis,
+        }
+    }
+
+    /// The token of the write that holds this lease.
+    pub fn token(&self) -> LeaseToken {
+        self.token
+    }
+
+    /// When the lease expires.
+    pub fn expires_at(&self) -> SystemTime {
+        UNIX_EPOCH + Duration::from_millis(self.expires_at_millis)
+    }
+
+    /// When the lease expires, milliseconds since the Unix epoch.
+    pub fn expires_at_millis(&self) -> u64 {
+        self.expires_at_millis
+    }
+
+    /// Whether the lease has expired at `now`.
+    pub fn is_expired_at(&self, now: SystemTime) -> bool {
+        unix_millis(now) >= self.expires_at_millis
+    }
+}
+
+/// What a store keeps for one resource key: the committed version and, while a write
+/// is in flight, its lease.
+///
+/// At least one of the two is present: an entry with neither is represented by the
+/// absence of an entry.
+#[derive(Clone, PartialEq, Eq, Hash, Debug)]
+pub struct Entry {
+    version: Option<Version>,
+    lease: Option<Lease>,
+}
+
+impl Entry {
+    /// An entry with a committed version and no write in flight.
+    pub fn committed(version: Version) -> Self {
+        Self {
+            version: Some(version),
+            lease: None,
+        }
+    }
+
+    /// Builds an entry from its parts; `None` if both are absent.
+    pub fn from_parts(version: Option<Version>, lease: Option<Lease>) -> Option<Self> {
+        if version.is_none() && lease.is_none() {
+            return None;
+        }
+        Some(Self { version, lease })
+    }
+
+    /// The last committed version, if the resource has one (a lease on a resource that
+    /// is being created has none).
+    pub fn version(&self) -> Option<&Version> {
+        self.version.as_ref()
+    }
+
+    /// The lease of the write in flight, if any.
+    pub fn lease(&self) -> Option<&Lease> {
+        self.lease.as_ref()
+    }
+}
+
+/// The answer of [`AtomicVersionStore::compare_and_set`].
+#[derive(Clone, PartialEq, Eq, Debug)]
+pub enum CasOutcome {
+    /// The stored entry was `expected` and is now `new` (or already was `new`).
+    Applied,
+    /// The stored entry was not `expected`; this is what was found.
+    Mismatch {
+        /// The entry the store holds, `None` if the key has no entry.
+        current: Option<Entry>,
+    },
+}
+
+impl CasOutcome {
+    /// The outcome for a store that found `current` instead of `expected`:
+    /// [`Applied`](Self::Applied) if `current` is already `new` (a replay),
+    /// otherwise [`Mismatch`](Self::Mismatch).
+    pub fn mismatch_or_replay(current: Option<Entry>, new: Option<&Entry>) -> Self {
+        if current.as_ref() == new {
+            CasOutcome::Applied
+        } else {
+            CasOutcome::Mismatch { current }
+        }
+    }
+}
+
+/// What kind of failure a [`StoreError`] is.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+#[non_exhaustive]
+pub enum StoreErrorKind {
+    /// The store could not be reached or refused the operation (connection, I/O, pool).
+    Unavailable,
+    /// The store did not answer in time.
+    Timeout,
+    /// The store answered with data that is not a valid entry.
+    Corrupt,
+}
+
+/// An error from a version store. The layer answers `503` with `Retry-After` for any
+/// of them on a write (fail closed).
+pub struct StoreError {
+    kind: StoreErrorKind,
+    message: Box<str>,
+    source: Option<Box<dyn std::error::Error + Send + Sync + 'static>>,
+}
+
+impl StoreError {
+    /// A store that could not be reached.
+    pub fn unavailable(message: impl Into<String>) -> Self {
+        Self::new(StoreErrorKind::Unavailable, message)
+    }
+
+    /// A store that did not answer in time.
+    pub fn timeout(message: impl Into<String>) -> Self {
+        Self::new(StoreErrorKind::Timeout, message)
+    }
+
+    /// A store that answered garbage.
+    pub fn corrupt(message: impl Into<String>) -> Self {
+        Self::new(StoreErrorKind::Corrupt, message)
+    }
+
+    /// An error of `kind` with a message.
+    pub fn new(kind: StoreErrorKind, message: impl Into<String>) -> Self {
+        Self {
+            kind,
+            message: message.into().into_boxed_str(),
+            source: None,
+        }
+    }
+
+    /// Attaches the underlying error.
+    #[must_use]
+    pub fn with_source(mut self, source: impl std::error::Error + Send + Sync + 'static) -> Self {
+        self.source = Some(Box::new(source));
+        self
+    }
+
+    /// What kind of failure this is.
+    pub fn kind(&self) -> StoreErrorKind {
+        self.kind
+    }
+}
+
+impl fmt::Debug for StoreError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("StoreError")
+            .field("kind", &self.kind)
+            .field("message", &self.message)
+            .field("source", &self.source)
+            .finish()
+    }
+}
+
+impl fmt::Display for StoreError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let kind = match self.kind {
+            StoreErrorKind::Unavailable => "version store unavailable",
+            StoreErrorKind::Timeout => "version store timed out",
+            StoreErrorKind::Corrupt => "version store returned an invalid entry",
+        };
+        write!(f, "{kind}: {}", self.message)?;
+        if let Some(source) = &self.source {
+            write!(f, ": {source}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for StoreError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        self.source
+            .as_deref()
+            .map(|e| e as &(dyn std::error::Error + 'static))
+    }
+}
+
+/// A store of resource versions with one atomic compare-and-set.
+///
+/// See the [module docs](self) for the contract and an example implementation.
+#[async_trait::async_trait]
+pub trait AtomicVersionStore: Send + Sync + 'static {
+    /// The entry of `key`, `None` if it has none.
+    async fn load(&self, key: &str) -> Result<Option<Entry>, StoreError>;
+
+    /// Atomically replaces `expected` by `new` (see the module docs for the contract).
+    async fn compare_and_set(
+        &self,
+        key: &str,
+        expected: Option<&Entry>,
+        new: Option<&Entry>,
+    ) -> Result<CasOutcome, StoreError>;
+}
+
+#[async_trait::async_trait]
+impl<T: AtomicVersionStore + ?Sized> AtomicVersionStore for Arc<T> {
+    async fn load(&self, key: &str) -> Result<Option<Entry>, StoreError> {
+        (**self).load(key).await
+    }
+
+    async fn compare_and_set(
+        &self,
+        key: &str,
+        expected: Option<&Entry>,
+        new: Option<&Entry>,
+    ) -> Result<CasOutcome, StoreError> {
+        (**self).compare_and_set(key, expected, new).await
+    }
+}
+
+pub(crate) fn unix_secs(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+pub(crate) fn unix_millis(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tag(s: &str) -> EntityTag {
+        EntityTag::strong(s).unwrap()
+    }
+
+    #[test]
+    fn weak_tags_cannot_be_versions() {
+        assert!(Version::new(EntityTag::weak("w").unwrap(), SystemTime::now()).is_none());
+    }
+
+    #[test]
+    fn successor_in_the_same_second_is_ambiguous() {
+        let t0 = UNIX_EPOCH + Duration::from_millis(1_700_000_000_100);
+        let v1 = Version::new(tag("1"), t0).unwrap();
+        let v2 = Version::successor(Some(&v1), tag("2"), t0 + Duration::from_millis(500)).unwrap();
+        assert_eq!(v2.last_modified_secs(), v1.last_modified_secs());
+        assert!(v2.last_modified_ambiguous());
+        let v3 = Version::successor(Some(&v2), tag("3"), t0 + Duration::from_secs(1)).unwrap();
+        assert!(!v3.last_modified_ambiguous());
+        assert_eq!(v3.last_modified_secs(), v1.last_modified_secs() + 1);
+    }
+
+    #[test]
+    fn successor_never_goes_back_in_time() {
+        let t0 = UNIX_EPOCH + Duration::from_secs(1_700_000_010);
+        let v1 = Version::new(tag("1"), t0).unwrap();
+        let v2 = Version::successor(Some(&v1), tag("2"), t0 - Duration::from_secs(5)).unwrap();
+        assert_eq!(v2.last_modified_secs(), v1.last_modified_secs());
+        assert!(v2.last_modified_ambiguous());
+    }
+
+    #[test]
+    fn lease_token_hex_round_trip() {
+        let t = LeaseToken::random();
+        assert_eq!(LeaseToken::parse_hex(&t.to_string()), Some(t));
+        assert_eq!(LeaseToken::parse_hex("xyz"), None);
+    }
+
+    #[test]
+    fn replay_is_applied() {
+        let e = Entry::committed(Version::new(tag("a"), SystemTime::now()).unwrap());
+        assert_eq!(
+            CasOutcome::mismatch_or_replay(Some(e.clone()), Some(&e)),
+            CasOutcome::Applied
+        );
+        assert_eq!(
+            CasOutcome::mismatch_or_replay(None, None),
+            CasOutcome::Applied
+        );
+        assert_eq!(
+            CasOutcome::mismatch_or_replay(Some(e.clone()), None),
+            CasOutcome::Mismatch { current: Some(e) }
+        );
+    }
+
+    #[test]
+    fn store_error_display_and_source() {
+        let io = std::io::Error::other("boom");
+        let e = StoreError::unavailable("connect").with_source(io);
+        assert_eq!(e.kind(), StoreErrorKind::Unavailable);
+        assert_eq!(e.to_string(), "version store unavailable: connect: boom");
+        assert!(std::error::Error::source(&e).is_some());
+    }
+}
