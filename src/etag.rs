@@ -145,7 +145,9 @@ impl EntityTag {
 
     /// The tag as a header value, exactly the bytes a client sent or will receive.
     pub fn to_header_value(&self) -> HeaderValue {
-        let mut bytes = Vec::with_capacity(self.opaque.len() + 4);
+        // Exact capacity: the buffer then becomes the value's `Bytes` without a copy.
+        let len = self.opaque.chars().count() + if self.weak { 4 } else { 2 };
+        let mut bytes = Vec::with_capacity(len);
         if self.weak {
             bytes.extend_from_slice(b"W/");
         }
@@ -153,15 +155,24 @@ impl EntityTag {
         // Every char is <= U+00FF by construction, so this is the original byte.
         bytes.extend(self.opaque.chars().map(|c| c as u8));
         bytes.push(b'"');
-        HeaderValue::from_bytes(&bytes).expect("etagc bytes are valid header value bytes")
+        HeaderValue::from_maybe_shared(bytes::Bytes::from(bytes))
+            .expect("etagc bytes are valid header value bytes")
     }
 }
 
 impl std::str::FromStr for EntityTag {
     type Err = InvalidEntityTag;
 
+    /// The inverse of `Display`: each char stands for one byte (the ISO-8859-1 reading
+    /// that [`EntityTag::strong`] and `Display` use), so obs-text round-trips; reading
+    /// `s` as UTF-8 bytes instead would turn `é` into two different bytes.
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        Self::parse_bytes(s.as_bytes())
+        let bytes = s
+            .chars()
+            .map(|c| u8::try_from(u32::from(c)))
+            .collect::<Result<Vec<u8>, _>>()
+            .map_err(|_| InvalidEntityTag::new("opaque value holds a character outside etagc"))?;
+        Self::parse_bytes(&bytes)
     }
 }
 

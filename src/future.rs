@@ -207,7 +207,7 @@ where
                             read: Some(read),
                         },
                         Err(response) => State::Ready {
-                            response: Some(response),
+                            response: Some(*response),
                         },
                     }
                 }
@@ -228,12 +228,18 @@ where
                     match reserved {
                         Ok(mut guard) => {
                             let ctx = this.ctx.as_deref().expect("write context");
-                            request.extensions_mut().insert(guard.reservation());
+                            let reservation = guard.reservation();
+                            // Counted from the lease's start, so a slow reserve cannot
+                            // push the handler past the lease.
+                            let deadline = ctx
+                                .config
+                                .handler_deadline_within(reservation.lease_expires_at());
+                            request.extensions_mut().insert(reservation);
                             guard.handler_started();
                             *this.guard = Some(guard);
                             State::Writing {
                                 future: inner.call(request),
-                                deadline: tokio::time::sleep(ctx.config.handler_deadline()),
+                                deadline: tokio::time::sleep(deadline),
                             }
                         }
                         Err(problem) => State::Ready {
@@ -280,7 +286,7 @@ fn take_pair<S, R>(inner: &mut Option<S>, request: &mut Option<R>) -> (S, R) {
 fn read_state<B>(
     ctx: &Ctx,
     loaded: Result<Option<Entry>, StoreError>,
-) -> Result<ReadState, Response<ResponseBody<B>>> {
+) -> Result<ReadState, Box<Response<ResponseBody<B>>>> {
     let key = &*ctx.key;
     let entry = match loaded {
         Ok(entry) => entry,
@@ -296,12 +302,14 @@ fn read_state<B>(
         Decision::Proceed => Ok(ReadState::Versioned(entry.expect("has a version"), version)),
         Decision::NotModified if ctx.config.short_circuit_reads => {
             tracing::debug!(key, "not modified (304)");
-            Err(not_modified(&version))
+            Err(Box::new(not_modified(&version)))
         }
         Decision::NotModified => Ok(ReadState::NotModified(version)),
         Decision::PreconditionFailed => {
             tracing::info!(key, "precondition failed on a read (412)");
-            Err(Problem::precondition_failed(Some(version)).into_response())
+            Err(Box::new(
+                Problem::precondition_failed(Some(version)).into_response(),
+            ))
         }
     }
 }
@@ -321,6 +329,8 @@ where
     };
     let success = response.status().is_success();
     match read {
+        // An If-Match the layer cannot check must not pass as if it held.
+        ReadState::StoreFailed if success => ready(unverifiable(&ctx.pre, response)),
         ReadState::StoreFailed => {
             remove_validators(response.headers_mut());
             ready(response.map(ResponseBody::inner))
@@ -420,7 +430,7 @@ fn into_not_modified<B>(response: Response<B>, version: &Version) -> Response<Re
 }
 
 /// The handler's own strong `ETag`, if it set exactly one valid one.
-fn strong_etag(headers: &HeaderMap, key: &str) -> Option<EntityTag> {
+pub(crate) fn strong_etag(headers: &HeaderMap, key: &str) -> Option<EntityTag> {
     let mut values = headers.get_all(header::ETAG).iter();
     let value = values.next()?;
     let tag = EntityTag::parse_bytes(value.as_bytes())

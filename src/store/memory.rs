@@ -8,6 +8,8 @@ use std::{
 
 use super::{AtomicVersionStore, CasOutcome, Entry, StoreError};
 
+type Shard = Mutex<HashMap<Box<str>, Entry>>;
+
 /// An in-memory [`AtomicVersionStore`]: versions live as long as the process.
 ///
 /// The map is split into shards, each behind its own `std::sync::Mutex`; a lock is held
@@ -23,7 +25,7 @@ use super::{AtomicVersionStore, CasOutcome, Entry, StoreError};
 /// ```
 #[derive(Debug)]
 pub struct MemoryStore {
-    shards: Box<[Mutex<HashMap<Box<str>, Entry>>]>,
+    shards: Box<[Shard]>,
     hasher: RandomState,
 }
 
@@ -85,17 +87,20 @@ impl AtomicVersionStore for MemoryStore {
         new: Option<&Entry>,
     ) -> Result<CasOutcome, StoreError> {
         let mut shard = self.shard(key);
-        let current = shard.get(key);
-        if current != expected {
+        let current = shard.get_mut(key);
+        if current.as_deref() != expected {
             return Ok(CasOutcome::mismatch_or_replay(current.cloned(), new));
         }
-        match new {
-            Some(entry) => {
+        match (current, new) {
+            // Replace in place: `insert` would allocate a new key only to drop it.
+            (Some(slot), Some(entry)) => *slot = entry.clone(),
+            (None, Some(entry)) => {
                 shard.insert(key.into(), entry.clone());
             }
-            None => {
+            (Some(_), None) => {
                 shard.remove(key);
             }
+            (None, None) => {}
         }
         Ok(CasOutcome::Applied)
     }
