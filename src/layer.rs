@@ -1,6 +1,10 @@
 //! [`PreconditionLayer`] and its builder.
 
-use std::{fmt, sync::Arc, time::Duration};
+use std::{
+    fmt,
+    sync::Arc,
+    time::{Duration, SystemTime},
+};
 
 use http::{request::Parts, Method};
 use tower_layer::Layer;
@@ -29,6 +33,19 @@ impl Config {
     /// that a lease can never expire while its handler still runs.
     pub(crate) fn handler_deadline(&self) -> Duration {
         self.handler_timeout.min(self.lease.mul_f64(0.8))
+    }
+
+    /// The deadline of a handler starting now under a lease that expires at
+    /// `lease_expires_at`: [`handler_deadline`](Self::handler_deadline), but never past
+    /// 80% of the lease counted from its start, so the time the reserve itself took
+    /// (up to a store timeout) cannot push the handler past the lease.
+    pub(crate) fn handler_deadline_within(&self, lease_expires_at: SystemTime) -> Duration {
+        let margin = self.lease.saturating_sub(self.lease.mul_f64(0.8));
+        let left = lease_expires_at
+            .checked_sub(margin)
+            .and_then(|end| end.duration_since(SystemTime::now()).ok())
+            .unwrap_or(Duration::ZERO);
+        self.handler_deadline().min(left)
     }
 }
 

@@ -341,6 +341,40 @@ pub(crate) async fn reserve(
     Err(Problem::write_in_flight(config.retry_after))
 }
 
+/// Loads `key`'s entry for a read. An expired lease means its writer died with the
+/// outcome unknown: the read takes it over with a fresh version, as a write would, so
+/// that no old tag keeps matching (invariant 3) until some write comes along.
+pub(crate) async fn load_for_read(config: &Config, key: &str) -> Result<Option<Entry>, StoreError> {
+    let store = &config.store;
+    let mut current = with_timeout(config.store_timeout, store.load(key)).await?;
+    for _ in 0..config.max_reserve_attempts {
+        let now = SystemTime::now();
+        let Some(entry) = &current else {
+            return Ok(None);
+        };
+        if !entry.lease().is_some_and(|lease| lease.is_expired_at(now)) {
+            return Ok(current);
+        }
+        let fresh = Version::successor(entry.version(), fresh_etag(), now).map(Entry::committed);
+        let outcome = with_timeout(
+            config.store_timeout,
+            store.compare_and_set(key, Some(entry), fresh.as_ref()),
+        )
+        .await?;
+        match outcome {
+            CasOutcome::Applied => {
+                tracing::info!(key, "expired lease taken over by a read: fresh version");
+                return Ok(fresh);
+            }
+            CasOutcome::Mismatch { current: found } => current = found,
+        }
+    }
+    // Still contended: serve the read without validators rather than guess.
+    Err(StoreError::unavailable(
+        "an expired lease could not be taken over (contention)",
+    ))
+}
+
 /// The result of a read's store steps after the handler answered 2xx for a resource with
 /// no known version.
 pub(crate) enum Seeded {

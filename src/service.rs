@@ -102,9 +102,7 @@ where
             let load = {
                 let config = config.clone();
                 let key = key.clone();
-                async move {
-                    protocol::with_timeout(config.store_timeout, config.store.load(&key)).await
-                }
+                async move { protocol::load_for_read(&config, &key).await }
             };
             ResponseFuture::read(Box::pin(load), inner, request, config, key, method, pre)
         } else {
