@@ -145,14 +145,22 @@ impl WriteGuard {
         settlement: Settlement,
     ) -> Result<Option<Version>, SettleError> {
         let new = self.new_entry(&settlement);
-        let outcome = with_timeout(
-            self.store_timeout,
-            self.store
-                .compare_and_set(&self.key, Some(&self.reserved), new.as_ref()),
-        )
-        .await;
-        // The compare-and-set has answered: whatever it said, our lease is settled or
-        // was already taken over. Nothing is left for the drop handler to do.
+        let attempt = || {
+            with_timeout(
+                self.store_timeout,
+                self.store
+                    .compare_and_set(&self.key, Some(&self.reserved), new.as_ref()),
+            )
+        };
+        let mut outcome = attempt().await;
+        if let Err(error) = &outcome {
+            // Safe to resend: were the first attempt applied and only its answer lost,
+            // the store finds `new` already in place and reports it applied (replay).
+            tracing::debug!(key = &*self.key, %error, "settle failed; retrying once");
+            outcome = attempt().await;
+        }
+        // Settled, taken over, or left to expire and be taken over with a fresh
+        // version: in every case there is nothing left for the drop handler to do.
         self.on_drop = None;
         let key = &*self.key;
         match outcome {

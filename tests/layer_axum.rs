@@ -980,3 +980,57 @@ async fn a_slow_reserve_does_not_push_the_handler_past_its_lease() {
     let r = send(&app, Method::PUT, "/items/1", &[("if-match", &old)]).await;
     assert_eq!(r.status, StatusCode::PRECONDITION_FAILED);
 }
+
+/// A memory store that applies the first settle (a compare-and-set from a leased entry
+/// to a committed one) but reports a failure, as when the answer is lost on the wire.
+#[derive(Default)]
+struct LostAnswerStore {
+    inner: MemoryStore,
+    lose_next_settle_answer: AtomicBool,
+    settle_calls: AtomicUsize,
+}
+
+#[async_trait::async_trait]
+impl AtomicVersionStore for LostAnswerStore {
+    async fn load(&self, key: &str) -> Result<Option<Entry>, StoreError> {
+        self.inner.load(key).await
+    }
+
+    async fn compare_and_set(
+        &self,
+        key: &str,
+        expected: Option<&Entry>,
+        new: Option<&Entry>,
+    ) -> Result<CasOutcome, StoreError> {
+        let settling = expected.is_some_and(|e| e.lease().is_some());
+        let outcome = self.inner.compare_and_set(key, expected, new).await;
+        if settling {
+            self.settle_calls.fetch_add(1, Ordering::SeqCst);
+            if self.lose_next_settle_answer.swap(false, Ordering::SeqCst) {
+                return Err(StoreError::timeout("answer lost after the write applied"));
+            }
+        }
+        outcome
+    }
+}
+
+#[tokio::test]
+async fn a_settle_whose_answer_was_lost_is_retried_and_recognised_as_applied() {
+    let store = Arc::new(LostAnswerStore::default());
+    let (app, _shared) = app_with(PreconditionLayer::from_arc(store.clone()));
+    let old = get_etag(&app, "/items/1").await;
+    store.lose_next_settle_answer.store(true, Ordering::SeqCst);
+
+    let r = send(&app, Method::PUT, "/items/1", &[("if-match", &old)]).await;
+    assert_eq!(r.status, StatusCode::OK);
+    assert_eq!(store.settle_calls.load(Ordering::SeqCst), 2, "settle retried once");
+    let committed = r.etag().expect("the replayed settle counts as committed").to_owned();
+    assert_ne!(committed, old);
+
+    // The entry holds no lease: the next write is not refused with 409.
+    let entry = store.inner.load("/items/1").await.unwrap().unwrap();
+    assert!(entry.lease().is_none());
+    assert_eq!(get_etag(&app, "/items/1").await, committed);
+    let r = send(&app, Method::PUT, "/items/1", &[("if-match", &committed)]).await;
+    assert_eq!(r.status, StatusCode::OK);
+}
