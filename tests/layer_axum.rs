@@ -1023,8 +1023,15 @@ async fn a_settle_whose_answer_was_lost_is_retried_and_recognised_as_applied() {
 
     let r = send(&app, Method::PUT, "/items/1", &[("if-match", &old)]).await;
     assert_eq!(r.status, StatusCode::OK);
-    assert_eq!(store.settle_calls.load(Ordering::SeqCst), 2, "settle retried once");
-    let committed = r.etag().expect("the replayed settle counts as committed").to_owned();
+    assert_eq!(
+        store.settle_calls.load(Ordering::SeqCst),
+        2,
+        "settle retried once"
+    );
+    let committed = r
+        .etag()
+        .expect("the replayed settle counts as committed")
+        .to_owned();
     assert_ne!(committed, old);
 
     // The entry holds no lease: the next write is not refused with 409.
