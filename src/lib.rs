@@ -97,6 +97,8 @@ mod protocol;
 mod response;
 mod service;
 pub mod store;
+#[cfg(feature = "postgres")]
+pub mod transactional;
 
 pub use crate::{
     body::ResponseBody,
@@ -110,3 +112,6 @@ pub use crate::{
 
 #[cfg(feature = "memory")]
 pub use crate::store::MemoryStore;
+
+#[cfg(feature = "postgres")]
+pub use crate::transactional::{PgTransaction, PgTransactionalLayer};

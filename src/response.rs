@@ -155,6 +155,41 @@ impl Problem {
         }
     }
 
+    /// `503` (transactional mode): the write's transaction was rolled back (the handler
+    /// missed its deadline, or the commit was refused); nothing changed.
+    #[cfg(feature = "postgres")]
+    pub(crate) fn rolled_back(retry_after: Duration) -> Self {
+        Self {
+            retry_after: Some(retry_after),
+            ..Self::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "write_rolled_back",
+                "Write rolled back",
+                "The write could not be completed and was rolled back: neither the resource \
+                 nor its version changed. Retry after the delay in Retry-After."
+                    .into(),
+            )
+        }
+    }
+
+    /// `503` (transactional mode): the connection was lost while committing, so the
+    /// write may or may not have been applied (the data and the version together).
+    #[cfg(feature = "postgres")]
+    pub(crate) fn commit_unknown(retry_after: Duration) -> Self {
+        Self {
+            retry_after: Some(retry_after),
+            ..Self::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "commit_outcome_unknown",
+                "Commit outcome unknown",
+                "The connection to the database was lost while committing: the write was \
+                 either applied in full (with a new version) or not at all. Fetch the \
+                 resource before retrying."
+                    .into(),
+            )
+        }
+    }
+
     /// The problem as an HTTP response.
     pub(crate) fn into_response<B>(self) -> Response<ResponseBody<B>> {
         let mut json = String::with_capacity(256);

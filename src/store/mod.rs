@@ -72,9 +72,13 @@ pub use memory::MemoryStore;
 
 #[cfg(feature = "redis")]
 pub mod redis;
+#[cfg(feature = "redis")]
+pub use self::redis::RedisStore;
 
 #[cfg(feature = "postgres")]
 pub mod postgres;
+#[cfg(feature = "postgres")]
+pub use self::postgres::PostgresStore;
 
 #[cfg(feature = "testing")]
 pub mod testing;
@@ -136,8 +140,16 @@ impl Version {
     }
 
     /// The last-modified time, whole seconds.
+    ///
+    /// Saturates at 9999-12-31T23:59:59Z, the last second an HTTP-date can name: a store
+    /// may hand back any number, and rendering `Last-Modified` must not panic. Comparisons
+    /// use the exact [`last_modified_secs`](Self::last_modified_secs), so a client that
+    /// echoes the saturated date gets `412` / `200`, never a wrong pass.
     pub fn last_modified(&self) -> SystemTime {
-        UNIX_EPOCH + Duration::from_secs(self.last_modified_secs)
+        // Found by the `evaluate` fuzz target: httpdate panics past year 9999, and
+        // `SystemTime` addition panics past its own range.
+        const MAX_HTTP_DATE_SECS: u64 = 253_402_300_799;
+        UNIX_EPOCH + Duration::from_secs(self.last_modified_secs.min(MAX_HTTP_DATE_SECS))
     }
 
     /// The last-modified time as seconds since the Unix epoch.
@@ -464,6 +476,27 @@ mod tests {
         let v2 = Version::successor(Some(&v1), tag("2"), t0 - Duration::from_secs(5)).unwrap();
         assert_eq!(v2.last_modified_secs(), v1.last_modified_secs());
         assert!(v2.last_modified_ambiguous());
+    }
+
+    #[test]
+    fn far_future_last_modified_renders_without_panic() {
+        // Regression (fuzz/evaluate): a stored date past year 9999 made rendering
+        // `Last-Modified` panic in httpdate, and one past i64 seconds panicked here.
+        for secs in [253_402_300_800, 863_976_237_279, u64::MAX] {
+            let v = Version::from_parts(tag("far"), secs, false).unwrap();
+            let date = crate::evaluate::http_date(v.last_modified());
+            assert_eq!(date, "Fri, 31 Dec 9999 23:59:59 GMT");
+            assert_eq!(
+                v.last_modified_secs(),
+                secs,
+                "comparisons keep the exact value"
+            );
+        }
+        let v = Version::from_parts(tag("now"), 784_111_777, false).unwrap();
+        assert_eq!(
+            crate::evaluate::http_date(v.last_modified()),
+            "Sun, 06 Nov 1994 08:49:37 GMT"
+        );
     }
 
     #[test]

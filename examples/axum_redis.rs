@@ -1,0 +1,326 @@
+//! The `/items/{id}` JSON server of `axum_memory`, with the versions *and* the items in
+//! Redis: start several processes, on one machine or many, and they serve one
+//! consistent set of items, with no lost update between them.
+//!
+//! ```text
+//! REDIS_URL=redis://127.0.0.1:6379 cargo run --features redis --example axum_redis
+//! ADDR=127.0.0.1:3001 REQUIRE_PRECONDITIONS=1 RUST_LOG=debug cargo run --features redis --example axum_redis
+//! ```
+//!
+//! | request | answer |
+//! | --- | --- |
+//! | `GET /items/{id}` | `200` with the JSON item and its `ETag`, `404` when missing, `304` when `If-None-Match` matches |
+//! | `PUT /items/{id}` | `201` (created) or `200` (replaced), with the new `ETag` |
+//! | `PATCH /items/{id}` | a shallow merge into a JSON object (`null` removes a field): `200`, `404` when missing, `400` on invalid JSON, `422` when not an object |
+//! | `DELETE /items/{id}` | `204`, `404` when missing |
+//!
+//! Every write may carry `If-Match: <etag>` (only if unchanged) or `If-None-Match: *`
+//! (only if it does not exist yet); a stale one gets `412` with the current `ETag`.
+//! With `REQUIRE_PRECONDITIONS=1`, a write without a precondition gets `428`. While
+//! Redis is unreachable, writes get `503` and never reach a handler.
+//!
+//! ```text
+//! ADDR=127.0.0.1:3001 cargo run --features redis --example axum_redis &
+//! ADDR=127.0.0.1:3002 cargo run --features redis --example axum_redis &
+//! curl -i -X PUT localhost:3001/items/1 -d '{"name":"lamp","stock":3}'
+//! curl -i localhost:3002/items/1                                             # ETag: "…"
+//! curl -i -X PATCH localhost:3001/items/1 -H 'If-Match: "…"' -d '{"stock":4}'
+//! curl -i -X PATCH localhost:3002/items/1 -H 'If-Match: "…"' -d '{"stock":5}'  # 412
+//! ```
+//!
+//! An item is the JSON text at `<its version's Redis key>:item`, e.g.
+//! `axum_redis:{/items/1}:item` next to the version hash `axum_redis:{/items/1}`: the
+//! same hash tag, so a Redis Cluster keeps both in one slot. Writes to one item are
+//! serialized by the layer's lease, so a handler's read-modify-write (`PATCH`) needs no
+//! transaction of its own. Set `REDIS_PREFIX` to run several apps on one Redis.
+
+use std::{env, error::Error};
+
+use axum::{
+    body::Bytes,
+    extract::State,
+    http::{header, HeaderMap, StatusCode, Uri},
+    response::{IntoResponse, Response},
+    routing::get,
+    Extension, Json, Router,
+};
+use redis::{aio::ConnectionManager, AsyncCommands, ExistenceCheck, SetOptions};
+use serde_json::{json, Map, Value};
+use tower_precondition::{store::RedisStore, PreconditionLayer, Reservation};
+use tracing_subscriber::EnvFilter;
+
+/// Where the items live: the store's connection, and its key layout.
+#[derive(Clone)]
+struct Items {
+    store: RedisStore,
+}
+
+impl Items {
+    /// The Redis key of the item at `uri`. The layer keys versions by request path
+    /// (its default), so the item sits next to its version, in the same slot.
+    fn key(&self, uri: &Uri) -> String {
+        format!("{}:item", self.store.redis_key(uri.path()))
+    }
+
+    fn connection(&self) -> ConnectionManager {
+        self.store.connection().clone()
+    }
+}
+
+/// A small RFC 9457 problem document, like the ones the layer writes.
+fn problem(status: StatusCode, title: &str, detail: impl Into<String>) -> Response {
+    let body = json!({
+        "type": "about:blank",
+        "title": title,
+        "status": status.as_u16(),
+        "detail": detail.into(),
+    });
+    (
+        status,
+        [(header::CONTENT_TYPE, "application/problem+json")],
+        body.to_string(),
+    )
+        .into_response()
+}
+
+fn not_found(uri: &Uri) -> Response {
+    problem(
+        StatusCode::NOT_FOUND,
+        "Not found",
+        format!("no item at {}", uri.path()),
+    )
+}
+
+/// Redis failed under the handler: a `503` (on a write, the layer then gives the item
+/// a fresh version, since the write may or may not have happened).
+fn redis_failed(error: redis::RedisError) -> Response {
+    tracing::warn!(%error, "item storage failed");
+    problem(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "Storage unavailable",
+        "the item storage did not answer; retry later",
+    )
+}
+
+/// The `400` for a body that is not JSON. (Bodies are parsed whatever their
+/// `Content-Type`, so that `curl -d` works as is.)
+fn invalid_json(error: serde_json::Error) -> Response {
+    problem(
+        StatusCode::BAD_REQUEST,
+        "Invalid JSON",
+        format!("the request body is not valid JSON: {error}"),
+    )
+}
+
+/// Stored text that is not JSON: a server fault, not the client's.
+fn corrupt_item() -> Response {
+    problem(
+        StatusCode::INTERNAL_SERVER_ERROR,
+        "Corrupt item",
+        "the stored item is not JSON",
+    )
+}
+
+async fn get_item(uri: Uri, State(items): State<Items>) -> Response {
+    let stored: Option<String> = match items.connection().get(items.key(&uri)).await {
+        Ok(stored) => stored,
+        Err(error) => return redis_failed(error),
+    };
+    match stored.map(|text| serde_json::from_str::<Value>(&text)) {
+        Some(Ok(item)) => Json(item).into_response(),
+        Some(Err(_)) => corrupt_item(),
+        None => not_found(&uri),
+    }
+}
+
+/// Create or replace. The layer has already checked the preconditions and holds the
+/// item for us; the [`Reservation`] says whether it knew a version of it.
+async fn put_item(
+    uri: Uri,
+    State(items): State<Items>,
+    Extension(reservation): Extension<Reservation>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let value: Value = match serde_json::from_slice(&body) {
+        Ok(value) => value,
+        Err(error) => return invalid_json(error),
+    };
+    let key = items.key(&uri);
+    let mut con = items.connection();
+    if reservation.is_create() && headers.contains_key(header::IF_NONE_MATCH) {
+        // Insert-if-absent: Redis may have forgotten the version of an item that
+        // exists (a restart without persistence). "Create only" must then not
+        // overwrite it.
+        let options = SetOptions::default().conditional_set(ExistenceCheck::NX);
+        let set: Option<String> = match con.set_options(&key, value.to_string(), options).await {
+            Ok(set) => set,
+            Err(error) => return redis_failed(error),
+        };
+        return match set {
+            Some(_) => created(&uri, value),
+            None => problem(
+                StatusCode::PRECONDITION_FAILED,
+                "Precondition failed",
+                format!("an item at {} already exists", uri.path()),
+            ),
+        };
+    }
+    // SET ... GET: one round trip that also says whether the item existed.
+    let options = SetOptions::default().get(true);
+    let previous: Option<String> = match con.set_options(&key, value.to_string(), options).await {
+        Ok(previous) => previous,
+        Err(error) => return redis_failed(error),
+    };
+    match previous {
+        Some(_) => Json(value).into_response(),
+        None => created(&uri, value),
+    }
+}
+
+fn created(uri: &Uri, value: Value) -> Response {
+    (
+        StatusCode::CREATED,
+        [(header::LOCATION, uri.path().to_owned())],
+        Json(value),
+    )
+        .into_response()
+}
+
+/// A shallow merge: each field of the patch replaces the item's, `null` removes it.
+/// Read, merge, write: safe because the layer's lease keeps every other write to this
+/// item out until we are done.
+async fn patch_item(uri: Uri, State(items): State<Items>, body: Bytes) -> Response {
+    let patch = match serde_json::from_slice(&body) {
+        Ok(Value::Object(patch)) => patch,
+        Ok(_) => {
+            return problem(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "Not an object",
+                "a PATCH body must be a JSON object",
+            )
+        }
+        Err(error) => return invalid_json(error),
+    };
+    let key = items.key(&uri);
+    let mut con = items.connection();
+    let stored: Option<String> = match con.get(&key).await {
+        Ok(stored) => stored,
+        Err(error) => return redis_failed(error),
+    };
+    let Some(stored) = stored else {
+        return not_found(&uri);
+    };
+    let Ok(mut item) = serde_json::from_str::<Value>(&stored) else {
+        return corrupt_item();
+    };
+    let Value::Object(fields) = &mut item else {
+        return problem(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "Not an object",
+            format!(
+                "the item at {} is not a JSON object, so it cannot be merged into",
+                uri.path()
+            ),
+        );
+    };
+    merge(fields, patch);
+    let written: Result<(), _> = con.set(&key, item.to_string()).await;
+    match written {
+        Ok(()) => Json(item).into_response(),
+        Err(error) => redis_failed(error),
+    }
+}
+
+fn merge(fields: &mut Map<String, Value>, patch: Map<String, Value>) {
+    for (name, value) in patch {
+        if value.is_null() {
+            fields.remove(&name);
+        } else {
+            fields.insert(name, value);
+        }
+    }
+}
+
+async fn delete_item(uri: Uri, State(items): State<Items>) -> Response {
+    let deleted: Result<i64, _> = items.connection().del(items.key(&uri)).await;
+    match deleted {
+        Ok(0) => not_found(&uri),
+        Ok(_) => StatusCode::NO_CONTENT.into_response(),
+        Err(error) => redis_failed(error),
+    }
+}
+
+/// The application: the routes, wrapped in the precondition layer over `store`.
+fn app(store: RedisStore, require_preconditions: bool) -> Router {
+    let layer = PreconditionLayer::new(store.clone()).require_precondition(require_preconditions);
+    Router::new()
+        .route(
+            "/items/{id}",
+            get(get_item)
+                .put(put_item)
+                .patch(patch_item)
+                .delete(delete_item),
+        )
+        .with_state(Items { store })
+        // The resource key is the request path (the default), so each item is
+        // versioned on its own.
+        .layer(layer)
+}
+
+#[tokio::main]
+async fn main() -> Result<(), Box<dyn Error>> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| EnvFilter::new("info,tower_precondition=debug")),
+        )
+        .init();
+
+    let addr = env::var("ADDR").unwrap_or_else(|_| "127.0.0.1:3000".to_owned());
+    let require = env::var("REQUIRE_PRECONDITIONS").is_ok_and(|v| v == "1" || v == "true");
+    let redis_url = env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".to_owned());
+    let prefix = env::var("REDIS_PREFIX").unwrap_or_else(|_| "axum_redis:".to_owned());
+
+    // Connects now, so a wrong URL fails at startup; once running, the connection
+    // manager reconnects by itself whenever Redis comes back.
+    let store = RedisStore::open(&redis_url).await?.prefix(&prefix);
+
+    let listener = tokio::net::TcpListener::bind(&addr).await?;
+    println!("listening on http://{}", listener.local_addr()?);
+    tracing::info!(require_preconditions = require, %prefix, "serving /items/{{id}} from Redis");
+    axum::serve(listener, app(store, require))
+        .with_graceful_shutdown(shutdown_signal())
+        .await?;
+    tracing::info!("shut down");
+    Ok(())
+}
+
+/// Resolves on Ctrl-C (or SIGTERM on Unix): in-flight requests finish, then we exit.
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        if let Err(error) = tokio::signal::ctrl_c().await {
+            tracing::error!(%error, "cannot listen for Ctrl-C");
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(error) => {
+                tracing::error!(%error, "cannot listen for SIGTERM");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {},
+        () = terminate => {},
+    }
+    tracing::info!("shutting down");
+}

@@ -1,0 +1,121 @@
+//! [`PgTransactionalService`]: classifies a request and starts its response future.
+
+use std::{
+    sync::Arc,
+    task::{Context, Poll},
+};
+
+use http::{Request, Response};
+use tower_layer::Layer;
+use tower_service::Service;
+
+use super::{future::ResponseFuture, layer::TxConfig, tx};
+use crate::{
+    body::ResponseBody,
+    evaluate::{is_read, Preconditions},
+    response::Problem,
+    PreconditionLayer,
+};
+
+/// The middleware built by [`PgTransactionalLayer`](super::PgTransactionalLayer).
+#[derive(Clone)]
+pub struct PgTransactionalService<S> {
+    inner: S,
+    config: Arc<TxConfig>,
+    reads: PreconditionLayer,
+}
+
+impl<S: std::fmt::Debug> std::fmt::Debug for PgTransactionalService<S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PgTransactionalService")
+            .field("inner", &self.inner)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<S> PgTransactionalService<S> {
+    pub(crate) fn new(inner: S, config: Arc<TxConfig>, reads: PreconditionLayer) -> Self {
+        Self {
+            inner,
+            config,
+            reads,
+        }
+    }
+
+    /// The wrapped service.
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+
+    /// The wrapped service, mutably.
+    pub fn get_mut(&mut self) -> &mut S {
+        &mut self.inner
+    }
+
+    /// Consumes the middleware, returning the wrapped service.
+    pub fn into_inner(self) -> S {
+        self.inner
+    }
+}
+
+impl<S, ReqBody, ResBody> Service<Request<ReqBody>> for PgTransactionalService<S>
+where
+    S: Service<Request<ReqBody>, Response = Response<ResBody>> + Clone,
+    S::Error: Send + 'static,
+    ResBody: Send + 'static,
+{
+    type Response = Response<ResponseBody<ResBody>>;
+    type Error = S::Error;
+    type Future = ResponseFuture<S, ReqBody, ResBody>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: Request<ReqBody>) -> Self::Future {
+        // The inner service we were driven ready goes with this request; a clone
+        // takes its place (tower's readiness contract).
+        let clone = self.inner.clone();
+        let inner = std::mem::replace(&mut self.inner, clone);
+
+        let method = request.method().clone();
+        if is_read(&method) {
+            // Reads are the store-mode read path over the same table.
+            let mut reads = self.reads.layer(inner);
+            return ResponseFuture::read(reads.call(request));
+        }
+        let mut inner = inner;
+        if !self.config.write_methods.contains(&method) {
+            return ResponseFuture::passthrough(inner.call(request));
+        }
+        let (parts, body) = request.into_parts();
+        let key = (self.config.key)(&parts);
+        let request = Request::from_parts(parts, body);
+        let Some(key) = key else {
+            return ResponseFuture::passthrough(inner.call(request));
+        };
+        let key: Arc<str> = key.into();
+
+        let pre = match Preconditions::from_headers(request.headers()) {
+            Ok(pre) => pre,
+            Err(error) => {
+                tracing::info!(key = &*key, %method, %error, "malformed precondition (400)");
+                return ResponseFuture::problem(Problem::bad_request(error.to_string()));
+            }
+        };
+        if self.config.require_precondition && !pre.guards_write() {
+            tracing::info!(key = &*key, %method, "unconditional write refused (428)");
+            return ResponseFuture::problem(Problem::precondition_required(&method));
+        }
+
+        let begin = tx::begin(self.config.clone(), key.clone(), method.clone(), pre);
+        ResponseFuture::write(
+            Box::pin(begin),
+            inner,
+            request,
+            self.config.clone(),
+            key,
+            method,
+        )
+    }
+}

@@ -1,0 +1,411 @@
+//! The store contract suite and the Redis-specific rules (key layout, fields, time to
+//! live of leases, corrupt data, script reloads), against a real Redis (`REDIS_URL`).
+
+mod redis_support;
+
+use std::{
+    sync::Arc,
+    time::{Duration, SystemTime},
+};
+
+use redis::AsyncCommands;
+use redis_support::{call, default_items_app, raw_connection, redis_url, shared_store};
+use tower_precondition::{
+    store::{
+        testing::{committed, run_contract_suite},
+        AtomicVersionStore, CasOutcome, Entry, Lease, LeaseToken, RedisStore, StoreErrorKind,
+    },
+    EntityTag, Version,
+};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn connection_manager_store_passes_the_contract() {
+    let Some((store, _cleanup)) = shared_store().await else {
+        return;
+    };
+    run_contract_suite(Arc::new(store), "redis").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn multiplexed_connection_store_with_a_braced_prefix_passes_the_contract() {
+    let Some(url) = redis_url() else {
+        return;
+    };
+    let client = redis::Client::open(url.as_str()).expect("url");
+    let connection = client
+        .get_multiplexed_async_connection()
+        .await
+        .expect("connect");
+    let store = RedisStore::from_connection(connection)
+        .prefix(format!("{}{{odd}}\\", redis_support::unique_prefix("mux")));
+    let _cleanup = redis_support::Cleanup::of(&store, &url);
+    run_contract_suite(Arc::new(store), "redis-mux").await;
+}
+
+#[tokio::test]
+async fn entries_are_hashes_under_a_hash_tagged_key() {
+    let Some((store, _cleanup)) = shared_store().await else {
+        return;
+    };
+    let url = redis_url().expect("set");
+    let plain = RedisStore::open(&url).await.expect("open").prefix("p:");
+    assert_eq!(plain.redis_key("/items/1"), "p:{/items/1}");
+    assert_eq!(plain.redis_key("a}b{c\\"), "p:{a\\)b\\(c\\\\}");
+    assert_eq!(
+        RedisStore::open(&url)
+            .await
+            .expect("open")
+            .prefix("x{y}:")
+            .redis_key("k"),
+        "x\\(y\\):{k}"
+    );
+
+    let key = "/items/fields";
+    let version = Version::from_parts(
+        EntityTag::parse_bytes(b"\"v\xe9\"").expect("obs-text tag"),
+        1_700_000_000,
+        true,
+    )
+    .expect("strong");
+    let token = LeaseToken::from_u128(0xabc);
+    let leased = Entry::from_parts(
+        Some(version),
+        Some(Lease::from_parts(token, 1_700_000_000_123)),
+    )
+    .expect("entry");
+    assert_eq!(
+        store
+            .compare_and_set(key, None, Some(&leased))
+            .await
+            .expect("cas"),
+        CasOutcome::Applied
+    );
+    let mut con = raw_connection(&url).await;
+    let mut fields: Vec<(String, Vec<u8>)> =
+        con.hgetall(store.redis_key(key)).await.expect("hgetall");
+    fields.sort();
+    let expected: Vec<(String, Vec<u8>)> = vec![
+        ("ambiguous".into(), b"1".to_vec()),
+        ("etag".into(), b"v\xe9".to_vec()),
+        ("expires".into(), b"1700000000123".to_vec()),
+        ("lease".into(), b"00000000000000000000000000000abc".to_vec()),
+        ("modified".into(), b"1700000000".to_vec()),
+    ];
+    assert_eq!(fields, expected);
+}
+
+#[tokio::test]
+async fn leases_expire_inside_redis_and_committed_versions_do_not() {
+    let Some((store, _cleanup)) = shared_store().await else {
+        return;
+    };
+    let store = store.lease_grace(Duration::from_secs(60));
+    let url = redis_url().expect("set");
+    let mut con = raw_connection(&url).await;
+    let key = "/items/ttl";
+    let rkey = store.redis_key(key);
+
+    let v1 = committed("v1");
+    store
+        .compare_and_set(key, None, Some(&v1))
+        .await
+        .expect("cas");
+    let ttl: i64 = con.pttl(&rkey).await.expect("pttl");
+    assert_eq!(ttl, -1, "a committed entry has no time to live");
+
+    let lease = Lease::new(
+        LeaseToken::random(),
+        SystemTime::now() + Duration::from_secs(30),
+    );
+    let leased = Entry::from_parts(v1.version().cloned(), Some(lease)).expect("entry");
+    store
+        .compare_and_set(key, Some(&v1), Some(&leased))
+        .await
+        .expect("cas");
+    let ttl: i64 = con.pttl(&rkey).await.expect("pttl");
+    assert!(
+        ttl > 60_000 && ttl <= 90_000,
+        "a leased entry lives for the lease plus the grace, got {ttl} ms"
+    );
+
+    let v2 = committed("v2");
+    store
+        .compare_and_set(key, Some(&leased), Some(&v2))
+        .await
+        .expect("cas");
+    let ttl: i64 = con.pttl(&rkey).await.expect("pttl");
+    assert_eq!(ttl, -1, "committing removes the time to live");
+
+    // An abandoned lease (its writer crashed) on a store with a tiny grace: Redis drops
+    // the entry by itself soon after the lease ends.
+    let short = store.clone().lease_grace(Duration::from_millis(50));
+    let abandoned = Entry::from_parts(
+        v2.version().cloned(),
+        Some(Lease::new(
+            LeaseToken::random(),
+            SystemTime::now() + Duration::from_millis(100),
+        )),
+    )
+    .expect("entry");
+    short
+        .compare_and_set(key, Some(&v2), Some(&abandoned))
+        .await
+        .expect("cas");
+    assert!(
+        wait_until_gone(&store, key).await,
+        "Redis must drop an abandoned leased entry after lease + grace"
+    );
+
+    // A committed entry expires only when configured to.
+    let with_ttl = store.clone().version_ttl(Some(Duration::from_secs(100)));
+    with_ttl
+        .compare_and_set(key, None, Some(&v1))
+        .await
+        .expect("cas");
+    let ttl: i64 = con.pttl(&rkey).await.expect("pttl");
+    assert!(
+        ttl > 0 && ttl <= 100_000,
+        "configured version ttl, got {ttl}"
+    );
+}
+
+/// Polls (bounded, not timed) until the key has no entry.
+async fn wait_until_gone(store: &RedisStore, key: &str) -> bool {
+    for _ in 0..200 {
+        if store.load(key).await.expect("load").is_none() {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    false
+}
+
+/// What another process leaves behind when it reserves `key` and crashes before
+/// settling: a lease on the current version that expires in `millis`.
+async fn crash_while_writing(store: &RedisStore, key: &str, millis: u64) {
+    let current = store.load(key).await.expect("load").expect("entry");
+    let crashed = Entry::from_parts(
+        current.version().cloned(),
+        Some(Lease::new(
+            LeaseToken::random(),
+            SystemTime::now() + Duration::from_millis(millis),
+        )),
+    )
+    .expect("entry");
+    assert_eq!(
+        store
+            .compare_and_set(key, Some(&current), Some(&crashed))
+            .await
+            .expect("cas"),
+        CasOutcome::Applied
+    );
+}
+
+#[tokio::test]
+async fn an_expired_lease_is_taken_over_with_a_fresh_version() {
+    let Some((store, _cleanup)) = shared_store().await else {
+        return;
+    };
+    let (app, calls) = default_items_app(store.clone());
+    let uri = "/items/crash";
+    let put = |etag: String| {
+        let app = app.clone();
+        async move { call(&app, "PUT", uri, &[("if-match", &etag)], Some("2")).await }
+    };
+    let (status, _, _) = call(&app, "PUT", uri, &[], Some("1")).await;
+    assert_eq!(status, 201);
+    let (_, etag, _) = call(&app, "GET", uri, &[], None).await;
+    let etag = etag.expect("etag");
+
+    // A write takes the expired lease over: the old ETag fails, the 412 names a fresh one.
+    crash_while_writing(&store, uri, 300).await;
+    let (status, _, _) = put(etag.clone()).await;
+    assert_eq!(status, 409, "a live lease blocks writes");
+    let mut fresh = None;
+    for _ in 0..100 {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let (status, current, _) = put(etag.clone()).await;
+        if status == 412 {
+            fresh = current;
+            break;
+        }
+        assert_eq!(status, 409, "only 409 until the lease expires");
+    }
+    let fresh = fresh.expect("the lease expires and is taken over");
+    assert_ne!(fresh, etag, "takeover gives a fresh version");
+    let writes_before = calls.load(std::sync::atomic::Ordering::SeqCst);
+    let (status, _, _) = put(etag).await;
+    assert_eq!(status, 412, "the old ETag stays refused");
+    assert_eq!(
+        calls.load(std::sync::atomic::Ordering::SeqCst),
+        writes_before
+    );
+    let (status, _, _) = put(fresh.clone()).await;
+    assert_eq!(status, 204, "the fresh ETag is accepted");
+
+    // A read takes an expired lease over too: no 304 for the version the crashed
+    // writer may have replaced.
+    let (_, etag, _) = call(&app, "GET", uri, &[], None).await;
+    let etag = etag.expect("etag");
+    crash_while_writing(&store, uri, 300).await;
+    let if_none_match = [("if-none-match", etag.as_str())];
+    let (status, _, _) = call(&app, "GET", uri, &if_none_match, None).await;
+    assert_eq!(status, 304, "a live lease does not block reads");
+    let mut after = None;
+    for _ in 0..100 {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let (status, current, _) = call(&app, "GET", uri, &if_none_match, None).await;
+        if status == 200 {
+            after = current;
+            break;
+        }
+        assert_eq!(status, 304, "only 304 until the lease expires");
+    }
+    let after = after.expect("the lease expires and a read takes it over");
+    assert_ne!(after, etag, "the read gives a fresh version");
+    let (status, current, _) = put(etag).await;
+    assert_eq!(status, 412);
+    assert_eq!(current, Some(after));
+}
+
+#[tokio::test]
+async fn corrupt_entries_are_errors_and_writes_fail_closed() {
+    let Some((store, _cleanup)) = shared_store().await else {
+        return;
+    };
+    let url = redis_url().expect("set");
+    let mut con = raw_connection(&url).await;
+    let token = format!("{:032x}", 5u128);
+    let cases: Vec<Vec<(&str, &str)>> = vec![
+        vec![("etag", "v"), ("modified", "007"), ("ambiguous", "0")],
+        vec![("etag", "v"), ("modified", "7")],
+        vec![
+            ("etag", "v"),
+            ("modified", "7"),
+            ("ambiguous", "0"),
+            ("x", "1"),
+        ],
+        vec![("lease", "not-hex"), ("expires", "1")],
+        vec![("lease", &token)],
+    ];
+    for (i, fields) in cases.iter().enumerate() {
+        let key = format!("/items/corrupt-{i}");
+        let _: () = con
+            .hset_multiple(store.redis_key(&key), fields)
+            .await
+            .expect("hset");
+        let error = store.load(&key).await.expect_err("corrupt entry");
+        assert_eq!(error.kind(), StoreErrorKind::Corrupt, "case {i}: {error}");
+        // The script answers with the stored hash on a mismatch: also corrupt.
+        let error = store
+            .compare_and_set(&key, None, Some(&committed("x")))
+            .await
+            .expect_err("corrupt entry");
+        assert_eq!(error.kind(), StoreErrorKind::Corrupt, "case {i}: {error}");
+    }
+
+    let key = "/items/wrong-type";
+    let _: () = con
+        .set(store.redis_key(key), "a string")
+        .await
+        .expect("set");
+    let error = store.load(key).await.expect_err("wrong type");
+    assert_eq!(error.kind(), StoreErrorKind::Corrupt, "{error}");
+
+    let (app, calls) = default_items_app(store.clone());
+    for uri in ["/items/corrupt-0", "/items/wrong-type"] {
+        let (status, _, _) = call(&app, "PUT", uri, &[], Some("1")).await;
+        assert_eq!(status, 503, "a corrupt entry fails writes closed");
+    }
+    assert_eq!(calls.load(std::sync::atomic::Ordering::SeqCst), 0);
+}
+
+#[tokio::test]
+async fn a_flushed_script_cache_is_reloaded_transparently() {
+    let Some((store, _cleanup)) = shared_store().await else {
+        return;
+    };
+    let url = redis_url().expect("set");
+    let mut con = raw_connection(&url).await;
+    let key = "/items/flush";
+    let mut previous = None;
+    for i in 0..5 {
+        let _: () = redis::cmd("SCRIPT")
+            .arg("FLUSH")
+            .query_async(&mut con)
+            .await
+            .expect("flush");
+        // (Other tests on this server may reload the script first; the private-server
+        // test in redis_faults.rs checks that our own call does the reload.)
+        let next = committed(&format!("v{i}"));
+        assert_eq!(
+            store
+                .compare_and_set(key, previous.as_ref(), Some(&next))
+                .await
+                .expect("no error reaches the caller"),
+            CasOutcome::Applied
+        );
+        previous = Some(next);
+    }
+}
+
+#[tokio::test]
+async fn a_replayed_script_call_is_applied_not_a_conflict() {
+    let Some((store, _cleanup)) = shared_store().await else {
+        return;
+    };
+    let key = "/items/replay";
+    let a = committed("a");
+    let lease = Lease::new(
+        LeaseToken::random(),
+        SystemTime::now() + Duration::from_secs(30),
+    );
+    let reserved = Entry::from_parts(a.version().cloned(), Some(lease)).expect("entry");
+    store
+        .compare_and_set(key, None, Some(&a))
+        .await
+        .expect("cas");
+    // Reserve, commit and remove, each sent twice as a retrying client would.
+    for (expected, new) in [
+        (Some(&a), Some(&reserved)),
+        (Some(&reserved), Some(&a)),
+        (Some(&a), None),
+    ] {
+        for attempt in 0..2 {
+            assert_eq!(
+                store
+                    .compare_and_set(key, expected, new)
+                    .await
+                    .expect("cas"),
+                CasOutcome::Applied,
+                "attempt {attempt}"
+            );
+        }
+    }
+    assert_eq!(store.load(key).await.expect("load"), None);
+}
+
+#[tokio::test]
+async fn unreachable_redis_is_an_unavailable_error() {
+    if redis_url().is_none() {
+        return;
+    }
+    // A port nothing listens on: `open` fails, a lazy store fails each call.
+    let url = "redis://127.0.0.1:1";
+    let error = RedisStore::open(url).await.expect_err("unreachable");
+    assert_eq!(error.kind(), StoreErrorKind::Unavailable, "{error}");
+    assert!(std::error::Error::source(&error).is_some());
+    let lazy = RedisStore::open_lazy(url).expect("valid url");
+    let error = tokio::time::timeout(Duration::from_secs(30), lazy.load("k"))
+        .await
+        .expect("the manager gives up")
+        .expect_err("unreachable");
+    assert_ne!(error.kind(), StoreErrorKind::Corrupt, "{error}");
+    assert_eq!(
+        RedisStore::open("not a url")
+            .await
+            .expect_err("bad url")
+            .kind(),
+        StoreErrorKind::Unavailable
+    );
+}
