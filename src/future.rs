@@ -150,20 +150,21 @@ where
         config: Arc<Config>,
         key: Arc<str>,
         method: Method,
-        pre: Preconditions,
     ) -> Self {
         let state = State::Reserving {
             reserve,
             inner: Some(inner),
             request: Some(request),
         };
+        // The preconditions were evaluated by the reserve, which owns them; nothing
+        // after it reads them.
         Self::with_state(
             state,
             Some(Ctx {
                 config,
                 key,
                 method,
-                pre,
+                pre: Preconditions::default(),
             }),
         )
     }
@@ -201,13 +202,13 @@ where
                     let loaded = ready!(load.as_mut().poll(cx));
                     let ctx = this.ctx.as_deref().expect("read context");
                     let (mut inner, request) = take_pair(inner, request);
-                    match read_state(ctx, loaded) {
-                        Ok(read) => State::Reading {
+                    match read_step(ctx, loaded) {
+                        ReadStep::Run(read) => State::Reading {
                             future: inner.call(request),
                             read: Some(read),
                         },
-                        Err(response) => State::Ready {
-                            response: Some(*response),
+                        ReadStep::Answer(response) => State::Ready {
+                            response: Some(response),
                         },
                     }
                 }
@@ -282,34 +283,39 @@ fn take_pair<S, R>(inner: &mut Option<S>, request: &mut Option<R>) -> (S, R) {
     )
 }
 
+/// What a read does once its entry is loaded.
+enum ReadStep<B> {
+    /// Run the handler.
+    Run(ReadState),
+    /// Answer without running it (`304` / `412`).
+    Answer(Response<ResponseBody<B>>),
+}
+
 /// Decides a read from the loaded entry: answer now (`304` / `412`), or run the handler.
-fn read_state<B>(
-    ctx: &Ctx,
-    loaded: Result<Option<Entry>, StoreError>,
-) -> Result<ReadState, Box<Response<ResponseBody<B>>>> {
+fn read_step<B>(ctx: &Ctx, loaded: Result<Option<Entry>, StoreError>) -> ReadStep<B> {
     let key = &*ctx.key;
     let entry = match loaded {
         Ok(entry) => entry,
         Err(error) => {
             tracing::warn!(key, %error, "version store failed; serving the read without validators");
-            return Ok(ReadState::StoreFailed);
+            return ReadStep::Run(ReadState::StoreFailed);
         }
     };
     let Some(version) = entry.as_ref().and_then(Entry::version).cloned() else {
-        return Ok(ReadState::Unversioned(entry));
+        return ReadStep::Run(ReadState::Unversioned(entry));
     };
     match evaluate(&ctx.method, &ctx.pre, Some(&version)) {
-        Decision::Proceed => Ok(ReadState::Versioned(entry.expect("has a version"), version)),
+        Decision::Proceed => {
+            ReadStep::Run(ReadState::Versioned(entry.expect("has a version"), version))
+        }
         Decision::NotModified if ctx.config.short_circuit_reads => {
             tracing::debug!(key, "not modified (304)");
-            Err(Box::new(not_modified(&version)))
+            ReadStep::Answer(not_modified(&version))
         }
-        Decision::NotModified => Ok(ReadState::NotModified(version)),
+        Decision::NotModified => ReadStep::Run(ReadState::NotModified(version)),
         Decision::PreconditionFailed => {
             tracing::info!(key, "precondition failed on a read (412)");
-            Err(Box::new(
-                Problem::precondition_failed(Some(version)).into_response(),
-            ))
+            ReadStep::Answer(Problem::precondition_failed(Some(version)).into_response())
         }
     }
 }

@@ -106,9 +106,8 @@ where
             };
             ResponseFuture::read(Box::pin(load), inner, request, config, key, method, pre)
         } else {
-            let reserve =
-                protocol::reserve(config.clone(), key.clone(), method.clone(), pre.clone());
-            ResponseFuture::write(Box::pin(reserve), inner, request, config, key, method, pre)
+            let reserve = protocol::reserve(config.clone(), key.clone(), method.clone(), pre);
+            ResponseFuture::write(Box::pin(reserve), inner, request, config, key, method)
         }
     }
 }
