@@ -115,3 +115,8 @@ pub use crate::store::MemoryStore;
 
 #[cfg(feature = "postgres")]
 pub use crate::transactional::{PgTransaction, PgTransactionalLayer};
+
+// The README's Rust snippets are compiled and run as doctests, so they cannot rot.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctests;
