@@ -9,9 +9,11 @@ use std::{
 use http::{request::Parts, Method};
 use tower_layer::Layer;
 
-use crate::{service::PreconditionService, store::AtomicVersionStore};
-
-type KeyFn = dyn Fn(&Parts) -> Option<String> + Send + Sync;
+use crate::{
+    admission::{self, KeyFn},
+    service::PreconditionService,
+    store::AtomicVersionStore,
+};
 
 /// The configuration shared by every service a layer builds.
 #[derive(Clone)]
@@ -113,7 +115,7 @@ impl PreconditionLayer {
         Self {
             config: Config {
                 store,
-                key: Arc::new(|parts: &Parts| Some(parts.uri.path().to_owned())),
+                key: admission::path_key(),
                 write_methods: vec![Method::PUT, Method::PATCH, Method::DELETE],
                 require_precondition: false,
                 lease: Duration::from_secs(30),
@@ -156,10 +158,7 @@ impl PreconditionLayer {
     /// `GET` and `HEAD` are always reads and are ignored here; other methods not listed
     /// pass through untouched.
     pub fn write_methods(mut self, methods: impl IntoIterator<Item = Method>) -> Self {
-        self.config.write_methods = methods
-            .into_iter()
-            .filter(|m| m != Method::GET && m != Method::HEAD)
-            .collect();
+        self.config.write_methods = admission::write_methods(methods);
         self
     }
 

@@ -9,12 +9,11 @@ use http::{Request, Response};
 use tower_service::Service;
 
 use crate::{
+    admission::{admit, Admission},
     body::ResponseBody,
-    evaluate::{is_read, Preconditions},
     future::ResponseFuture,
     layer::Config,
     protocol,
-    response::Problem,
 };
 
 /// The middleware built by [`PreconditionLayer`](crate::PreconditionLayer).
@@ -68,30 +67,26 @@ where
     }
 
     fn call(&mut self, request: Request<ReqBody>) -> Self::Future {
-        let method = request.method().clone();
-        let read = is_read(&method);
-        if !read && !self.config.write_methods.contains(&method) {
-            return ResponseFuture::passthrough(self.inner.call(request));
-        }
-        let (parts, body) = request.into_parts();
-        let key = (self.config.key)(&parts);
-        let request = Request::from_parts(parts, body);
-        let Some(key) = key else {
-            return ResponseFuture::passthrough(self.inner.call(request));
-        };
-        let key: Arc<str> = key.into();
-
-        let pre = match Preconditions::from_headers(request.headers()) {
-            Ok(pre) => pre,
-            Err(error) => {
-                tracing::info!(key = &*key, %method, %error, "malformed precondition (400)");
-                return ResponseFuture::problem(Problem::bad_request(error.to_string()));
+        let config = &self.config;
+        let admission = admit(
+            request,
+            &*config.key,
+            &config.write_methods,
+            config.require_precondition,
+        );
+        let (request, key, pre, read) = match admission {
+            Admission::Pass(request) => {
+                return ResponseFuture::passthrough(self.inner.call(request))
             }
+            Admission::Refuse(problem) => return ResponseFuture::problem(problem),
+            Admission::Versioned {
+                request,
+                key,
+                pre,
+                read,
+            } => (request, key, pre, read),
         };
-        if !read && self.config.require_precondition && !pre.guards_write() {
-            tracing::info!(key = &*key, %method, "unconditional write refused (428)");
-            return ResponseFuture::problem(Problem::precondition_required(&method));
-        }
+        let method = request.method().clone();
 
         // The inner service we were driven ready: keep it for after the store step,
         // leave a clone in its place (tower's readiness contract).

@@ -6,9 +6,11 @@ use http::{request::Parts, Method};
 use tower_layer::Layer;
 
 use super::service::PgTransactionalService;
-use crate::{store::PostgresStore, PreconditionLayer};
-
-type KeyFn = dyn Fn(&Parts) -> Option<String> + Send + Sync;
+use crate::{
+    admission::{self, KeyFn},
+    store::PostgresStore,
+    PreconditionLayer,
+};
 
 /// The configuration shared by every service a layer builds.
 #[derive(Clone)]
@@ -112,7 +114,7 @@ impl PgTransactionalLayer {
         Self {
             config: TxConfig {
                 store: store.into(),
-                key: Arc::new(|parts: &Parts| Some(parts.uri.path().to_owned())),
+                key: admission::path_key(),
                 write_methods: vec![Method::PUT, Method::PATCH, Method::DELETE],
                 require_precondition: false,
                 handler_timeout: Duration::from_secs(25),
@@ -141,10 +143,7 @@ impl PgTransactionalLayer {
     /// `DELETE`. `GET` and `HEAD` are always reads and are ignored here; other methods
     /// not listed pass through untouched.
     pub fn write_methods(mut self, methods: impl IntoIterator<Item = Method>) -> Self {
-        self.config.write_methods = methods
-            .into_iter()
-            .filter(|m| m != Method::GET && m != Method::HEAD)
-            .collect();
+        self.config.write_methods = admission::write_methods(methods);
         self
     }
 

@@ -11,9 +11,9 @@ use tower_service::Service;
 
 use super::{future::ResponseFuture, layer::TxConfig, tx};
 use crate::{
+    admission::{admit, Admission},
     body::ResponseBody,
-    evaluate::{is_read, Preconditions},
-    response::Problem,
+    evaluate::is_read,
     PreconditionLayer,
 };
 
@@ -85,28 +85,20 @@ where
             return ResponseFuture::read(reads.call(request));
         }
         let mut inner = inner;
-        if !self.config.write_methods.contains(&method) {
-            return ResponseFuture::passthrough(inner.call(request));
-        }
-        let (parts, body) = request.into_parts();
-        let key = (self.config.key)(&parts);
-        let request = Request::from_parts(parts, body);
-        let Some(key) = key else {
-            return ResponseFuture::passthrough(inner.call(request));
+        let config = &self.config;
+        let admission = admit(
+            request,
+            &*config.key,
+            &config.write_methods,
+            config.require_precondition,
+        );
+        let (request, key, pre) = match admission {
+            Admission::Pass(request) => return ResponseFuture::passthrough(inner.call(request)),
+            Admission::Refuse(problem) => return ResponseFuture::problem(problem),
+            Admission::Versioned {
+                request, key, pre, ..
+            } => (request, key, pre),
         };
-        let key: Arc<str> = key.into();
-
-        let pre = match Preconditions::from_headers(request.headers()) {
-            Ok(pre) => pre,
-            Err(error) => {
-                tracing::info!(key = &*key, %method, %error, "malformed precondition (400)");
-                return ResponseFuture::problem(Problem::bad_request(error.to_string()));
-            }
-        };
-        if self.config.require_precondition && !pre.guards_write() {
-            tracing::info!(key = &*key, %method, "unconditional write refused (428)");
-            return ResponseFuture::problem(Problem::precondition_required(&method));
-        }
 
         let begin = tx::begin(self.config.clone(), key.clone(), method.clone(), pre);
         ResponseFuture::write(
