@@ -23,7 +23,8 @@
 //! [`RedisStore::open`] builds a [`ConnectionManager`], which multiplexes every call
 //! over one connection and reconnects in the background when Redis goes away. Bring your
 //! own with [`RedisStore::from_manager`], or any clonable async connection (a
-//! `MultiplexedConnection`, a cluster connection) with [`RedisStore::from_connection`].
+//! `MultiplexedConnection`, a [cluster connection](#redis-cluster)) with
+//! [`RedisStore::from_connection`].
 //! [`RedisStore::connection`] hands the connection back, so the app can keep its own
 //! data in the same Redis.
 //!
@@ -78,6 +79,42 @@
 //! cache; the caller never sees the `NOSCRIPT`. (`SCRIPT LOAD` followed by `EVALSHA`
 //! would be a race: a flush in between fails the retry too.) A call that answered
 //! `NOSCRIPT` did not run, so the retry cannot apply anything twice.
+//!
+//! # Redis Cluster
+//!
+//! A cluster is supported (`tests/redis_cluster.rs` runs against a local cluster of
+//! three masters): give the store a redis-rs `cluster_async::ClusterConnection`, which
+//! the `redis` feature enables.
+//!
+//! ```no_run
+//! use std::time::Duration;
+//!
+//! use redis::cluster::ClusterClient;
+//! use tower_precondition::{store::RedisStore, PreconditionLayer};
+//!
+//! # async fn run() -> redis::RedisResult<()> {
+//! let client = ClusterClient::builder(["redis://10.0.0.1:6379", "redis://10.0.0.2:6379"])
+//!     .connection_timeout(Duration::from_secs(1))
+//!     .response_timeout(Duration::from_secs(2))
+//!     .build()?;
+//! let store = RedisStore::from_connection(client.get_async_connection().await?)
+//!     .prefix("myapp:v:");
+//! let layer = PreconditionLayer::new(store);
+//! # let _ = layer;
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! Every command names exactly one key, the entry's: `HGETALL` and the script call
+//! (with the entry as its only `KEYS[1]`) go to the master of the entry's slot;
+//! redis-rs follows `MOVED` / `ASK` when slots move. Each node has its own script
+//! cache: the first call that reaches a node without the script gets `NOSCRIPT` from
+//! that node and is resent there as `EVAL`, so a new node, a failover or a
+//! `SCRIPT FLUSH` on any node costs one extra round trip to that node. The cluster
+//! connection re-sends a command after an I/O error; a compare-and-set that had already
+//! run is then recognised as a replay. Do not enable `read_from_replicas` for this
+//! store's connection: a lagging replica would answer a read with a version that was
+//! already replaced (a wrong `304`).
 //!
 //! # Leases expire inside Redis too
 //!
