@@ -113,6 +113,18 @@ impl EntityTag {
         })
     }
 
+    /// A strong tag from an opaque value the caller built from `etagc` characters only,
+    /// taken as is: no validation pass and no copy (a generated tag on every write).
+    pub(crate) fn strong_from_valid(opaque: String) -> Self {
+        debug_assert!(opaque
+            .chars()
+            .all(|c| u8::try_from(u32::from(c)).is_ok_and(is_etagc)));
+        Self {
+            weak: false,
+            opaque: opaque.into_boxed_str(),
+        }
+    }
+
     /// Parses one entity tag as it appears on the wire (`"x"` or `W/"x"`).
     pub fn parse_bytes(bytes: &[u8]) -> Result<Self, InvalidEntityTag> {
         let mut cursor = Cursor::new(bytes);

@@ -23,8 +23,6 @@
 //!   ignored: the store may have forgotten a version (a Redis restart without
 //!   persistence), and the date can then not be checked. Reads ignore it as the RFC says.
 
-use std::time::SystemTime;
-
 use http::{
     header::{self, HeaderMap, HeaderName},
     Method,
@@ -102,7 +100,10 @@ fn parse_date(headers: &HeaderMap, name: &HeaderName) -> Option<u64> {
 }
 
 /// Formats a time as an IMF-fixdate (`Sun, 06 Nov 1994 08:49:37 GMT`).
-pub(crate) fn http_date(time: SystemTime) -> String {
+///
+/// Test-only: responses render `Last-Modified` in place (`response::set_validators`).
+#[cfg(test)]
+pub(crate) fn http_date(time: std::time::SystemTime) -> String {
     httpdate::fmt_http_date(time)
 }
 

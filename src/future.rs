@@ -85,8 +85,9 @@ struct Ctx {
 enum ReadState {
     /// The store failed: serve the handler's answer without validators.
     StoreFailed,
-    /// The resource has a committed version and the preconditions hold.
-    Versioned(Entry, Version),
+    /// The resource has a committed version (in the entry) and the preconditions hold.
+    /// The entry is kept whole for `clear_gone`; the version is read from it, not cloned.
+    Versioned(Entry),
     /// The client's copy is current, but the handler runs to supply the 304's headers.
     NotModified(Version),
     /// No committed version (no entry, or a create in flight).
@@ -301,21 +302,23 @@ fn read_step<B>(ctx: &Ctx, loaded: Result<Option<Entry>, StoreError>) -> ReadSte
             return ReadStep::Run(ReadState::StoreFailed);
         }
     };
-    let Some(version) = entry.as_ref().and_then(Entry::version).cloned() else {
+    let Some(version) = entry.as_ref().and_then(Entry::version) else {
         return ReadStep::Run(ReadState::Unversioned(entry));
     };
-    match evaluate(&ctx.method, &ctx.pre, Some(&version)) {
-        Decision::Proceed => {
-            ReadStep::Run(ReadState::Versioned(entry.expect("has a version"), version))
-        }
+    // The version is borrowed from the entry and moved out of it where needed: no clone.
+    let take_version = |entry: Option<Entry>| entry.and_then(Entry::into_version);
+    match evaluate(&ctx.method, &ctx.pre, Some(version)) {
+        Decision::Proceed => ReadStep::Run(ReadState::Versioned(entry.expect("has a version"))),
         Decision::NotModified if ctx.config.short_circuit_reads => {
             tracing::debug!(key, "not modified (304)");
-            ReadStep::Answer(not_modified(&version))
+            ReadStep::Answer(not_modified(version))
         }
-        Decision::NotModified => ReadStep::Run(ReadState::NotModified(version)),
+        Decision::NotModified => ReadStep::Run(ReadState::NotModified(
+            take_version(entry).expect("has a version"),
+        )),
         Decision::PreconditionFailed => {
             tracing::info!(key, "precondition failed on a read (412)");
-            ReadStep::Answer(Problem::precondition_failed(Some(version)).into_response())
+            ReadStep::Answer(Problem::precondition_failed(take_version(entry)).into_response())
         }
     }
 }
@@ -341,9 +344,11 @@ where
             remove_validators(response.headers_mut());
             ready(response.map(ResponseBody::inner))
         }
-        ReadState::Versioned(entry, version) => {
+        ReadState::Versioned(entry) => {
             if success {
-                set_validators(response.headers_mut(), &version);
+                if let Some(version) = entry.version() {
+                    set_validators(response.headers_mut(), version);
+                }
             } else if is_gone(response.status()) && entry.lease().is_none() {
                 return State::Finishing {
                     finish: Box::pin(async move {

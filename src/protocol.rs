@@ -6,11 +6,14 @@
 
 use std::{
     future::Future,
+    pin::Pin,
     sync::Arc,
+    task::{Context, Poll},
     time::{Duration, SystemTime},
 };
 
 use http::Method;
+use pin_project_lite::pin_project;
 
 use crate::{
     etag::{EntityTag, TagList},
@@ -122,13 +125,12 @@ impl WriteGuard {
         self.on_drop = Some(Settlement::Fresh);
     }
 
-    fn new_entry(&self, settlement: &Settlement) -> Option<Entry> {
+    fn new_entry(&self, settlement: Settlement) -> Option<Entry> {
         let now = SystemTime::now();
         let successor = |etag| Version::successor(self.replacing.as_ref(), etag, now);
         match settlement {
             Settlement::Commit(etag) => {
-                let etag = etag.clone().unwrap_or_else(fresh_etag);
-                successor(etag).map(Entry::committed)
+                successor(etag.unwrap_or_else(fresh_etag)).map(Entry::committed)
             }
             Settlement::Fresh => successor(fresh_etag()).map(Entry::committed),
             Settlement::Remove => None,
@@ -144,9 +146,10 @@ impl WriteGuard {
         mut self,
         settlement: Settlement,
     ) -> Result<Option<Version>, SettleError> {
-        let new = self.new_entry(&settlement);
+        let outcome_name = settlement.name();
+        let new = self.new_entry(settlement);
         let attempt = || {
-            with_timeout(
+            store_call(
                 self.store_timeout,
                 self.store
                     .compare_and_set(&self.key, Some(&self.reserved), new.as_ref()),
@@ -165,20 +168,20 @@ impl WriteGuard {
         let key = &*self.key;
         match outcome {
             Ok(CasOutcome::Applied) => {
-                tracing::debug!(key, outcome = settlement.name(), "write settled");
-                Ok(new.and_then(|e| e.version().cloned()))
+                tracing::debug!(key, outcome = outcome_name, "write settled");
+                Ok(new.and_then(Entry::into_version))
             }
             Ok(CasOutcome::Mismatch { current }) => {
                 tracing::warn!(
                     key,
-                    outcome = settlement.name(),
+                    outcome = outcome_name,
                     current = ?current,
                     "lease lost before settling: the handler outlived its lease"
                 );
                 Err(SettleError::LeaseLost)
             }
             Err(error) => {
-                tracing::error!(key, outcome = settlement.name(), %error,
+                tracing::error!(key, outcome = outcome_name, %error,
                     "could not settle the write; the lease will expire and be taken over with a fresh version");
                 Err(SettleError::Store)
             }
@@ -191,7 +194,8 @@ impl Drop for WriteGuard {
         let Some(settlement) = self.on_drop.take() else {
             return;
         };
-        let new = self.new_entry(&settlement);
+        let outcome_name = settlement.name();
+        let new = self.new_entry(settlement);
         let store = self.store.clone();
         let key = self.key.clone();
         let reserved = self.reserved.clone();
@@ -200,11 +204,11 @@ impl Drop for WriteGuard {
             Ok(runtime) => {
                 tracing::info!(
                     key = &*key,
-                    outcome = settlement.name(),
+                    outcome = outcome_name,
                     "write abandoned; settling in the background"
                 );
                 runtime.spawn(async move {
-                    let result = with_timeout(
+                    let result = store_call(
                         timeout,
                         store.compare_and_set(&key, Some(&reserved), new.as_ref()),
                     )
@@ -232,17 +236,74 @@ pub(crate) enum SettleError {
     Store,
 }
 
-/// A store call bounded by `timeout`.
+/// A future bounded by `timeout`.
 pub(crate) async fn with_timeout<T>(
     timeout: Duration,
     call: impl Future<Output = Result<T, StoreError>>,
 ) -> Result<T, StoreError> {
     match tokio::time::timeout(timeout, call).await {
         Ok(result) => result,
-        Err(_) => Err(StoreError::timeout(format!(
-            "no answer within {} ms",
-            timeout.as_millis()
-        ))),
+        Err(_) => Err(timed_out(timeout)),
+    }
+}
+
+fn timed_out(timeout: Duration) -> StoreError {
+    StoreError::timeout(format!("no answer within {} ms", timeout.as_millis()))
+}
+
+/// A store call bounded by `timeout`, with no timer armed if it answers at once.
+pub(crate) fn store_call<F>(timeout: Duration, call: F) -> StoreCall<F>
+where
+    F: Future + Unpin,
+{
+    StoreCall {
+        call: Some(call),
+        timeout,
+        timed: None,
+    }
+}
+
+pin_project! {
+    /// The future of [`store_call`].
+    ///
+    /// Many calls (every memory store call) answer on their first poll, and arming a
+    /// timer costs a clock read and a runtime handle clone: the call is polled once
+    /// alone, and only moved into a `tokio::time::timeout` if it is still pending (which
+    /// then polls it again at once: a spurious poll, which any future must tolerate).
+    /// `Unpin` (the store's boxed `async_trait` futures are) is what allows that move.
+    /// Hand-written rather than an `async fn`, which stored the call twice.
+    pub(crate) struct StoreCall<F: Future> {
+        call: Option<F>,
+        timeout: Duration,
+        #[pin]
+        timed: Option<tokio::time::Timeout<F>>,
+    }
+}
+
+impl<F, T> Future for StoreCall<F>
+where
+    F: Future<Output = Result<T, StoreError>> + Unpin,
+{
+    type Output = Result<T, StoreError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let mut this = self.project();
+        if let Some(mut call) = this.call.take() {
+            if let Poll::Ready(result) = Pin::new(&mut call).poll(cx) {
+                return Poll::Ready(result);
+            }
+            this.timed
+                .set(Some(tokio::time::timeout(*this.timeout, call)));
+        }
+        let timed = this
+            .timed
+            .as_pin_mut()
+            .expect("StoreCall polled after completion");
+        match timed.poll(cx) {
+            Poll::Ready(Ok(result)) => Poll::Ready(result),
+            Poll::Ready(Err(_)) => Poll::Ready(Err(timed_out(*this.timeout))),
+            Poll::Pending => Poll::Pending,
+        }
     }
 }
 
@@ -259,7 +320,7 @@ pub(crate) async fn reserve(
         Problem::store_unavailable(config.retry_after)
     };
     let store = &config.store;
-    let mut current = with_timeout(config.store_timeout, store.load(&key))
+    let mut current = store_call(config.store_timeout, store.load(&key))
         .await
         .map_err(store_failed)?;
 
@@ -287,7 +348,7 @@ pub(crate) async fn reserve(
                 // Record the fresh version even though this request fails, so the
                 // expired lease is cleared and the 412 carries the real current tag.
                 let cleared = base.clone().map(Entry::committed);
-                match with_timeout(
+                match store_call(
                     config.store_timeout,
                     store.compare_and_set(&key, current.as_ref(), cleared.as_ref()),
                 )
@@ -311,15 +372,15 @@ pub(crate) async fn reserve(
         let mut guard = WriteGuard {
             store: store.clone(),
             key: key.clone(),
-            reserved: reserved.clone(),
+            reserved,
             replacing: base,
             store_timeout: config.store_timeout,
             // Dropped while the reserve is in flight: undo our lease if it landed.
             on_drop: Some(Settlement::Release),
         };
-        let outcome = with_timeout(
+        let outcome = store_call(
             config.store_timeout,
-            store.compare_and_set(&key, current.as_ref(), Some(&reserved)),
+            store.compare_and_set(&key, current.as_ref(), Some(&guard.reserved)),
         )
         .await;
         match outcome {
@@ -354,7 +415,7 @@ pub(crate) async fn reserve(
 /// that no old tag keeps matching (invariant 3) until some write comes along.
 pub(crate) async fn load_for_read(config: &Config, key: &str) -> Result<Option<Entry>, StoreError> {
     let store = &config.store;
-    let mut current = with_timeout(config.store_timeout, store.load(key)).await?;
+    let mut current = store_call(config.store_timeout, store.load(key)).await?;
     for _ in 0..config.max_reserve_attempts {
         let now = SystemTime::now();
         let Some(entry) = &current else {
@@ -364,7 +425,7 @@ pub(crate) async fn load_for_read(config: &Config, key: &str) -> Result<Option<E
             return Ok(current);
         }
         let fresh = Version::successor(entry.version(), fresh_etag(), now).map(Entry::committed);
-        let outcome = with_timeout(
+        let outcome = store_call(
             config.store_timeout,
             store.compare_and_set(key, Some(entry), fresh.as_ref()),
         )
@@ -404,7 +465,7 @@ pub(crate) async fn seed(
     let Some(entry) = entry else {
         return Ok(Seeded::Unknown);
     };
-    let outcome = with_timeout(
+    let outcome = store_call(
         config.store_timeout,
         config.store.compare_and_set(key, None, Some(&entry)),
     )
@@ -412,12 +473,7 @@ pub(crate) async fn seed(
     Ok(match outcome {
         CasOutcome::Applied => {
             tracing::debug!(key, "version seeded by a read");
-            Seeded::Version(
-                entry
-                    .version()
-                    .cloned()
-                    .expect("committed entry has a version"),
-            )
+            Seeded::Version(entry.into_version().expect("committed entry has a version"))
         }
         CasOutcome::Mismatch { .. } => Seeded::Unknown,
     })
@@ -426,7 +482,7 @@ pub(crate) async fn seed(
 /// Clears the entry of a resource a read found gone (404 / 410), so that a create with
 /// `If-None-Match: *` is not refused forever after a write whose outcome was unknown.
 pub(crate) async fn clear_gone(config: &Config, key: &str, entry: &Entry) {
-    let result = with_timeout(
+    let result = store_call(
         config.store_timeout,
         config.store.compare_and_set(key, Some(entry), None),
     )

@@ -6,7 +6,12 @@
 //! A `412` also carries the current `ETag` and `Last-Modified` as headers (and the tag in
 //! the `current_etag` member) so the client can re-sync without another request.
 
-use std::{fmt::Write as _, time::Duration};
+use std::{
+    cell::RefCell,
+    fmt::Write as _,
+    io::Write as _,
+    time::{Duration, SystemTime},
+};
 
 use bytes::Bytes;
 use http::{
@@ -14,16 +19,53 @@ use http::{
     HeaderMap, Response, StatusCode,
 };
 
-use crate::{body::ResponseBody, evaluate::http_date, store::Version};
+use crate::{body::ResponseBody, store::Version};
 
 const PROBLEM_JSON: HeaderValue = HeaderValue::from_static("application/problem+json");
 
 /// Sets `ETag` and `Last-Modified` for `version`.
 pub(crate) fn set_validators(headers: &mut HeaderMap, version: &Version) {
     headers.insert(header::ETAG, version.etag().to_header_value());
-    if let Ok(date) = HeaderValue::from_str(&http_date(version.last_modified())) {
+    if let Some(date) = last_modified_value(version) {
         headers.insert(header::LAST_MODIFIED, date);
     }
+}
+
+/// The `Last-Modified` value of `version`, rendered once per second per thread.
+///
+/// Responses in a row mostly name the same second (a hot resource, or versions
+/// committed just now), and a cached `HeaderValue` is cloned by a reference count,
+/// where rendering costs a formatting pass and an allocation.
+fn last_modified_value(version: &Version) -> Option<HeaderValue> {
+    thread_local! {
+        static LAST: RefCell<Option<(u64, HeaderValue)>> = const { RefCell::new(None) };
+    }
+    let secs = version.last_modified_secs();
+    let cached = LAST.try_with(|last| {
+        let mut last = last.borrow_mut();
+        if let Some((cached_secs, value)) = &*last {
+            if *cached_secs == secs {
+                return Some(value.clone());
+            }
+        }
+        let value = render_http_date(version.last_modified())?;
+        *last = Some((secs, value.clone()));
+        Some(value)
+    });
+    // No thread-local (the thread is exiting): render without the cache.
+    cached.unwrap_or_else(|_| render_http_date(version.last_modified()))
+}
+
+/// `time` as an IMF-fixdate header value, rendered in place: always 29 bytes.
+fn render_http_date(time: SystemTime) -> Option<HeaderValue> {
+    let mut buf = [0u8; 29];
+    let mut out = &mut buf[..];
+    write!(out, "{}", httpdate::HttpDate::from(time)).ok()?;
+    if !out.is_empty() {
+        return None;
+    }
+    // An owner-backed `Bytes`: one allocation, and clones only count references.
+    HeaderValue::from_maybe_shared(Bytes::from_owner(buf)).ok()
 }
 
 /// Removes validators a response must not carry when the layer cannot vouch for them.
@@ -265,6 +307,25 @@ mod tests {
         let mut s = String::new();
         push_json_string(&mut s, "a\"b\\c\nd\u{1}é");
         assert_eq!(s, "\"a\\\"b\\\\c\\nd\\u0001é\"");
+    }
+
+    #[test]
+    fn last_modified_matches_httpdate_across_seconds() {
+        let tag = crate::EntityTag::strong("v").expect("etagc");
+        // The same second twice (a cache hit), another second, then the first again,
+        // and a date past what an HTTP-date can name (saturated, no panic).
+        for secs in [784_111_777, 784_111_777, 784_111_778, 784_111_777, u64::MAX] {
+            let version = Version::from_parts(tag.clone(), secs, false).expect("strong");
+            let mut headers = HeaderMap::new();
+            set_validators(&mut headers, &version);
+            let expected = httpdate::fmt_http_date(version.last_modified());
+            assert_eq!(headers[header::LAST_MODIFIED], expected.as_str());
+        }
+        let first = Version::from_parts(tag, 784_111_777, false).expect("strong");
+        assert_eq!(
+            last_modified_value(&first).expect("renders"),
+            "Sun, 06 Nov 1994 08:49:37 GMT"
+        );
     }
 
     #[test]

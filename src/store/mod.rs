@@ -284,6 +284,11 @@ impl Entry {
     pub fn lease(&self) -> Option<&Lease> {
         self.lease.as_ref()
     }
+
+    /// The version, taken out of an entry that is no longer needed (saves a clone).
+    pub(crate) fn into_version(self) -> Option<Version> {
+        self.version
+    }
 }
 
 /// The answer of [`AtomicVersionStore::compare_and_set`].
