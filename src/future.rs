@@ -277,7 +277,7 @@ where
     }
 }
 
-fn take_pair<S, R>(inner: &mut Option<S>, request: &mut Option<R>) -> (S, R) {
+pub(crate) fn take_pair<S, R>(inner: &mut Option<S>, request: &mut Option<R>) -> (S, R) {
     (
         inner.take().expect("inner service taken once"),
         request.take().expect("request taken once"),

@@ -307,6 +307,25 @@ where
     }
 }
 
+/// The lease rule every write applies to the entry it found: `None` while another
+/// write's lease is live (`409`); otherwise the version to evaluate the preconditions
+/// against, and whether it takes over an expired lease. The writer of an expired lease
+/// may have written before it died, so every old tag must fail from then on: the base
+/// is then a fresh version.
+pub(crate) fn write_base(
+    entry: Option<&Entry>,
+    now: SystemTime,
+) -> Option<(Option<Version>, bool)> {
+    let Some(entry) = entry else {
+        return Some((None, false));
+    };
+    match entry.lease() {
+        Some(lease) if !lease.is_expired_at(now) => None,
+        Some(_) => Some((Version::successor(entry.version(), fresh_etag(), now), true)),
+        None => Some((entry.version().cloned(), false)),
+    }
+}
+
 /// Reserve: evaluate the preconditions against the current entry and, in the same
 /// compare-and-set, put our lease on it.
 pub(crate) async fn reserve(
@@ -326,21 +345,12 @@ pub(crate) async fn reserve(
 
     for _ in 0..config.max_reserve_attempts {
         let now = SystemTime::now();
-        let (base, takeover) = match &current {
-            Some(entry) => match entry.lease() {
-                Some(lease) if !lease.is_expired_at(now) => {
-                    tracing::info!(
-                        key = &*key,
-                        "write refused: another write is in flight (409)"
-                    );
-                    return Err(Problem::write_in_flight(config.retry_after));
-                }
-                // The previous writer may have written before it died: every old tag
-                // must fail from now on, so the base is a fresh version.
-                Some(_) => (Version::successor(entry.version(), fresh_etag(), now), true),
-                None => (entry.version().cloned(), false),
-            },
-            None => (None, false),
+        let Some((base, takeover)) = write_base(current.as_ref(), now) else {
+            tracing::info!(
+                key = &*key,
+                "write refused: another write is in flight (409)"
+            );
+            return Err(Problem::write_in_flight(config.retry_after));
         };
 
         if evaluate(&method, &pre, base.as_ref()) != Decision::Proceed {

@@ -32,7 +32,7 @@ use super::{
 use crate::{
     body::ResponseBody,
     fresh::fresh_etag,
-    future::strong_etag,
+    future::{strong_etag, take_pair},
     response::{remove_validators, set_validators, Problem},
     store::Version,
 };
@@ -169,8 +169,7 @@ where
                     request,
                 } => {
                     let started = ready!(begin.as_mut().poll(cx));
-                    let mut inner = inner.take().expect("inner service taken once");
-                    let mut request = request.take().expect("request taken once");
+                    let (mut inner, mut request) = take_pair(inner, request);
                     match started {
                         Ok(started) => {
                             let ctx = this.write.as_deref_mut().expect("write context");

@@ -19,7 +19,7 @@ use super::{layer::TxConfig, PgTransaction};
 use crate::{
     evaluate::{evaluate, Decision, Preconditions},
     fresh::fresh_etag,
-    protocol::with_timeout,
+    protocol::{with_timeout, write_base},
     response::Problem,
     store::{
         postgres::{entry_from_row, pg_error, pool_error, u64_to_bigint, Columns},
@@ -312,20 +312,12 @@ pub(crate) async fn begin(
     };
 
     let now = SystemTime::now();
-    let (base, takeover) = match &entry {
-        _ if created => (None, false),
-        None => (None, false),
-        Some(entry) => match entry.lease() {
-            Some(lease) if !lease.is_expired_at(now) => {
-                tracing::info!(key = &*key, "a store-mode write is in flight (409)");
-                owner.rollback().await;
-                return Err(Problem::write_in_flight(config.retry_after));
-            }
-            // A store-mode writer died holding the lease: it may have written, so
-            // every old tag must fail from now on (as the store-mode layer does).
-            Some(_) => (Version::successor(entry.version(), fresh_etag(), now), true),
-            None => (entry.version().cloned(), false),
-        },
+    // A store-mode writer on the same table is fenced by the same lease rule.
+    let found = if created { None } else { entry.as_ref() };
+    let Some((base, takeover)) = write_base(found, now) else {
+        tracing::info!(key = &*key, "a store-mode write is in flight (409)");
+        owner.rollback().await;
+        return Err(Problem::write_in_flight(config.retry_after));
     };
 
     if evaluate(&method, &pre, base.as_ref()) != Decision::Proceed {
