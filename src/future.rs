@@ -474,14 +474,14 @@ async fn finish_write<B, E>(
     let mut response = result?;
     if !released {
         match settled {
-            Ok(Some(version)) => set_validators(response.headers_mut(), &version),
-            _ => remove_validators(response.headers_mut()),
+            Some(version) => set_validators(response.headers_mut(), &version),
+            None => remove_validators(response.headers_mut()),
         }
     }
     Ok(response.map(ResponseBody::inner))
 }
 
 async fn timed_out<B, E>(ctx: Ctx, guard: WriteGuard) -> Output<B, E> {
-    let _ = guard.settle(Settlement::Fresh).await;
+    guard.settle(Settlement::Fresh).await;
     Ok(Problem::handler_timeout(ctx.config.retry_after).into_response())
 }

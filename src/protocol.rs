@@ -140,12 +140,11 @@ impl WriteGuard {
 
     /// Settles the write: one compare-and-set that must still find our lease.
     ///
-    /// Returns the version now committed (for the response's validators), `None` when
-    /// the entry was removed or released to no version.
-    pub(crate) async fn settle(
-        mut self,
-        settlement: Settlement,
-    ) -> Result<Option<Version>, SettleError> {
+    /// Returns the version now committed, for the response's validators: `None` when
+    /// the entry was removed or released to no version, or when the settle did not
+    /// apply (the lease was lost, or the store failed; both are logged here, and the
+    /// layer then cannot vouch for any version).
+    pub(crate) async fn settle(mut self, settlement: Settlement) -> Option<Version> {
         let outcome_name = settlement.name();
         let new = self.new_entry(settlement);
         let attempt = || {
@@ -169,7 +168,7 @@ impl WriteGuard {
         match outcome {
             Ok(CasOutcome::Applied) => {
                 tracing::debug!(key, outcome = outcome_name, "write settled");
-                Ok(new.and_then(Entry::into_version))
+                new.and_then(Entry::into_version)
             }
             Ok(CasOutcome::Mismatch { current }) => {
                 tracing::warn!(
@@ -178,12 +177,12 @@ impl WriteGuard {
                     current = ?current,
                     "lease lost before settling: the handler outlived its lease"
                 );
-                Err(SettleError::LeaseLost)
+                None
             }
             Err(error) => {
                 tracing::error!(key, outcome = outcome_name, %error,
                     "could not settle the write; the lease will expire and be taken over with a fresh version");
-                Err(SettleError::Store)
+                None
             }
         }
     }
@@ -225,15 +224,6 @@ impl Drop for WriteGuard {
             ),
         }
     }
-}
-
-/// Why a settle did not apply.
-#[derive(Debug)]
-pub(crate) enum SettleError {
-    /// Our lease was taken over: the handler outlived it.
-    LeaseLost,
-    /// The store failed; the lease stays until it expires.
-    Store,
 }
 
 /// A future bounded by `timeout`.
