@@ -22,6 +22,13 @@
 //! * With no known version, an `If-Unmodified-Since` on a write fails instead of being
 //!   ignored: the store may have forgotten a version (a Redis restart without
 //!   persistence), and the date can then not be checked. Reads ignore it as the RFC says.
+//!
+//! # Where the layer cannot know, and defers to the handler
+//!
+//! * `If-None-Match: *` on a write against a [seeded](Version::is_seeded) version (one a
+//!   read gave, not a write) proceeds: a `200` read proves a representation was served,
+//!   not that the resource exists. The handler's own conditional insert decides
+//!   ([`Reservation::is_create`](crate::Reservation::is_create) is then true).
 
 use http::{
     header::{self, HeaderMap, HeaderName},
@@ -160,7 +167,14 @@ pub fn evaluate(method: &Method, pre: &Preconditions, current: Option<&Version>)
 
     // Step 3 and 4.
     if let Some(if_none_match) = &pre.if_none_match {
-        let matched = current.is_some_and(|v| if_none_match.weak_match(v.etag()));
+        // A read-seeded version shows that a representation was served, not that the
+        // resource exists (a fallback page answers 200 too): `If-None-Match: *` on a
+        // write is then left to the handler's own conditional insert, or a seed could
+        // turn every later create of that resource into a 412.
+        let existence_unknown =
+            !read && matches!(if_none_match, TagList::Any) && current.is_some_and(Version::is_seeded);
+        let matched =
+            !existence_unknown && current.is_some_and(|v| if_none_match.weak_match(v.etag()));
         if matched {
             return if read {
                 Decision::NotModified

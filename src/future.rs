@@ -2,7 +2,7 @@
 //! inner service.
 //!
 //! ```text
-//! read:   Loading ──> Reading ──> (Finishing: seed / clear) ──> response
+//! read:   Loading (takeover, seed) ──> Reading ──> (Finishing: undo a seed, adopt a tag) ──> response
 //! write:  Reserving ──> Writing (with deadline) ──> Finishing (settle) ──> response
 //! either: Ready (a response the layer wrote) | Passthrough (not ours to version)
 //! ```
@@ -28,7 +28,7 @@ use crate::{
     etag::EntityTag,
     evaluate::{evaluate, Decision, Preconditions},
     layer::Config,
-    protocol::{self, Seeded, Settlement, WriteGuard},
+    protocol::{self, ReadStart, Settled, Settlement, WriteGuard},
     response::{not_modified, remove_validators, set_validators, Problem},
     store::{Entry, StoreError, Version},
 };
@@ -58,7 +58,7 @@ pin_project! {
         Ready { response: Option<Response<ResponseBody<ResBody>>> },
         Passthrough { #[pin] future: S::Future },
         Loading {
-            load: BoxFuture<Result<Option<Entry>, StoreError>>,
+            load: BoxFuture<Result<ReadStart, StoreError>>,
             inner: Option<S>,
             request: Option<Request<ReqBody>>,
         },
@@ -85,13 +85,16 @@ struct Ctx {
 enum ReadState {
     /// The store failed: serve the handler's answer without validators.
     StoreFailed,
-    /// The resource has a committed version (in the entry) and the preconditions hold.
-    /// The entry is kept whole for `clear_gone`; the version is read from it, not cloned.
-    Versioned(Entry),
-    /// The client's copy is current, but the handler runs to supply the 304's headers.
-    NotModified(Version),
-    /// No committed version (no entry, or a create in flight).
-    Unversioned(Option<Entry>),
+    /// The resource has a committed version (in the entry), and the preconditions were
+    /// evaluated against it: a `2xx` from the handler becomes that decision's answer.
+    Versioned {
+        entry: Entry,
+        decision: Decision,
+        /// This read seeded the version: what to put back if the handler is not `2xx`.
+        seeded_over: Option<Option<Entry>>,
+    },
+    /// No committed version (a create in flight).
+    Unversioned,
 }
 
 impl<S, ReqBody, ResBody> ResponseFuture<S, ReqBody, ResBody>
@@ -120,7 +123,7 @@ where
     }
 
     pub(crate) fn read(
-        load: BoxFuture<Result<Option<Entry>, StoreError>>,
+        load: BoxFuture<Result<ReadStart, StoreError>>,
         inner: S,
         request: Request<ReqBody>,
         config: Arc<Config>,
@@ -229,19 +232,15 @@ where
                     let (mut inner, mut request) = take_pair(inner, request);
                     match reserved {
                         Ok(mut guard) => {
-                            let ctx = this.ctx.as_deref().expect("write context");
-                            let reservation = guard.reservation();
-                            // Counted from the lease's start, so a slow reserve cannot
-                            // push the handler past the lease.
-                            let deadline = ctx
-                                .config
-                                .handler_deadline_within(reservation.lease_expires_at());
-                            request.extensions_mut().insert(reservation);
+                            // Judged by the store's clock, so that no host's clock can
+                            // push the handler past its lease.
+                            let deadline = guard.deadline();
+                            request.extensions_mut().insert(guard.reservation());
                             guard.handler_started();
                             *this.guard = Some(guard);
                             State::Writing {
                                 future: inner.call(request),
-                                deadline: tokio::time::sleep(deadline),
+                                deadline: tokio::time::sleep_until(deadline),
                             }
                         }
                         Err(problem) => State::Ready {
@@ -293,34 +292,45 @@ enum ReadStep<B> {
 }
 
 /// Decides a read from the loaded entry: answer now (`304` / `412`), or run the handler.
-fn read_step<B>(ctx: &Ctx, loaded: Result<Option<Entry>, StoreError>) -> ReadStep<B> {
+fn read_step<B>(ctx: &Ctx, loaded: Result<ReadStart, StoreError>) -> ReadStep<B> {
     let key = &*ctx.key;
-    let entry = match loaded {
-        Ok(entry) => entry,
+    let start = match loaded {
+        Ok(start) => start,
         Err(error) => {
             tracing::warn!(key, %error, "version store failed; serving the read without validators");
             return ReadStep::Run(ReadState::StoreFailed);
         }
     };
-    let Some(version) = entry.as_ref().and_then(Entry::version) else {
-        return ReadStep::Run(ReadState::Unversioned(entry));
+    let Some(entry) = start.entry.filter(|e| e.version().is_some()) else {
+        return ReadStep::Run(ReadState::Unversioned);
     };
-    // The version is borrowed from the entry and moved out of it where needed: no clone.
-    let take_version = |entry: Option<Entry>| entry.and_then(Entry::into_version);
-    match evaluate(&ctx.method, &ctx.pre, Some(version)) {
-        Decision::Proceed => ReadStep::Run(ReadState::Versioned(entry.expect("has a version"))),
-        Decision::NotModified if ctx.config.short_circuit_reads => {
-            tracing::debug!(key, "not modified (304)");
-            ReadStep::Answer(not_modified(version))
-        }
-        Decision::NotModified => ReadStep::Run(ReadState::NotModified(
-            take_version(entry).expect("has a version"),
-        )),
-        Decision::PreconditionFailed => {
-            tracing::info!(key, "precondition failed on a read (412)");
-            ReadStep::Answer(Problem::precondition_failed(take_version(entry)).into_response())
+    let version = entry.version().expect("filtered on a version");
+    let decision = evaluate(&ctx.method, &ctx.pre, Some(version));
+    // Answered before the application decides only when the layer already knew the
+    // resource (not a version this read just seeded) and short-circuiting is on.
+    if ctx.config.short_circuit_reads && start.seeded_over.is_none() {
+        match decision {
+            Decision::Proceed => {}
+            Decision::NotModified => {
+                tracing::debug!(key, "not modified (304)");
+                return ReadStep::Answer(not_modified(version));
+            }
+            Decision::PreconditionFailed => {
+                tracing::info!(key, "precondition failed on a read (412)");
+                let problem = Problem::precondition_failed(
+                    entry.into_version(),
+                    &ctx.pre,
+                    ctx.config.validators_on_412,
+                );
+                return ReadStep::Answer(problem.into_response());
+            }
         }
     }
+    ReadStep::Run(ReadState::Versioned {
+        entry,
+        decision,
+        seeded_over: start.seeded_over,
+    })
 }
 
 fn finish_read<S, ReqBody, ResBody>(
@@ -337,79 +347,81 @@ where
         response: Some(response),
     };
     let success = response.status().is_success();
+    if !success {
+        // Validators describe 2xx and 304 responses only.
+        remove_validators(response.headers_mut());
+    }
     match read {
         // An If-Match the layer cannot check must not pass as if it held.
-        ReadState::StoreFailed if success => ready(unverifiable(&ctx.pre, response)),
-        ReadState::StoreFailed => {
-            remove_validators(response.headers_mut());
-            ready(response.map(ResponseBody::inner))
+        ReadState::StoreFailed | ReadState::Unversioned if success => {
+            ready(unverifiable(&ctx.pre, response))
         }
-        ReadState::Versioned(entry) => {
-            if success {
-                if let Some(version) = entry.version() {
-                    set_validators(response.headers_mut(), version);
-                }
-            } else if is_gone(response.status()) && entry.lease().is_none() {
-                return State::Finishing {
-                    finish: Box::pin(async move {
-                        protocol::clear_gone(&ctx.config, &ctx.key, &entry).await;
-                        Ok(response.map(ResponseBody::inner))
-                    }),
-                };
-            }
-            ready(response.map(ResponseBody::inner))
-        }
-        ReadState::NotModified(version) => {
-            if success {
-                tracing::debug!(key = &*ctx.key, "not modified (304, handler ran)");
-                ready(into_not_modified(response, &version))
-            } else {
-                ready(response.map(ResponseBody::inner))
-            }
-        }
-        ReadState::Unversioned(entry) => {
-            if !success {
-                return ready(response.map(ResponseBody::inner));
-            }
-            if entry.is_some() {
-                // A create is in flight: our body may predate it.
-                return ready(unverifiable(&ctx.pre, response));
-            }
-            let handler_etag = strong_etag(response.headers(), &ctx.key);
-            State::Finishing {
-                finish: Box::pin(async move {
-                    match protocol::seed(&ctx.config, &ctx.key, handler_etag).await {
-                        Ok(Seeded::Version(version)) => Ok(answer_seeded(&ctx, response, &version)),
-                        Ok(Seeded::Unknown) => Ok(unverifiable(&ctx.pre, response)),
-                        Err(error) => {
-                            tracing::warn!(key = &*ctx.key, %error, "could not seed a version");
-                            Ok(unverifiable(&ctx.pre, response))
-                        }
+        ReadState::StoreFailed | ReadState::Unversioned => ready(response.map(ResponseBody::inner)),
+        ReadState::Versioned {
+            entry,
+            seeded_over: Some(before),
+            ..
+        } if !success => State::Finishing {
+            finish: Box::pin(async move {
+                protocol::undo_seed(&ctx.config, &ctx.key, &entry, before.as_ref()).await;
+                Ok(response.map(ResponseBody::inner))
+            }),
+        },
+        ReadState::Versioned { .. } if !success => ready(response.map(ResponseBody::inner)),
+        ReadState::Versioned {
+            entry, decision, ..
+        } => {
+            let version = entry.version().expect("a versioned read has a version");
+            match strong_etag(response.headers(), &ctx.key) {
+                Some(tag) if !tag.strong_eq(version.etag()) => {
+                    if entry.lease().is_some_and(|l| !l.is_released()) {
+                        // A write is in flight: it will commit a version of its own.
+                        return ready(unverifiable(&ctx.pre, response));
                     }
-                }),
+                    State::Finishing {
+                        finish: Box::pin(async move {
+                            let adopted =
+                                protocol::adopt_handler_tag(&ctx.config, &ctx.key, &entry, tag)
+                                    .await;
+                            Ok(match adopted {
+                                Some(version) => {
+                                    let decision = evaluate(&ctx.method, &ctx.pre, Some(&version));
+                                    answer_read(&ctx, response, decision, version)
+                                }
+                                None => unverifiable(&ctx.pre, response),
+                            })
+                        }),
+                    }
+                }
+                _ => {
+                    let version = entry.into_version().expect("a versioned read has a version");
+                    ready(answer_read(&ctx, response, decision, version))
+                }
             }
         }
     }
 }
 
-fn is_gone(status: StatusCode) -> bool {
-    status == StatusCode::NOT_FOUND || status == StatusCode::GONE
-}
-
-/// The answer to a read whose resource was just given its first version.
-fn answer_seeded<B>(
+/// The answer to a read whose handler gave a `2xx`, by the decision for `version`.
+fn answer_read<B>(
     ctx: &Ctx,
     mut response: Response<B>,
-    version: &Version,
+    decision: Decision,
+    version: Version,
 ) -> Response<ResponseBody<B>> {
-    match evaluate(&ctx.method, &ctx.pre, Some(version)) {
+    match decision {
         Decision::Proceed => {
-            set_validators(response.headers_mut(), version);
+            set_validators(response.headers_mut(), &version);
             response.map(ResponseBody::inner)
         }
-        Decision::NotModified => into_not_modified(response, version),
+        Decision::NotModified => {
+            tracing::debug!(key = &*ctx.key, "not modified (304, handler ran)");
+            into_not_modified(response, &version)
+        }
         Decision::PreconditionFailed => {
-            Problem::precondition_failed(Some(version.clone())).into_response()
+            tracing::info!(key = &*ctx.key, "precondition failed on a read (412, handler ran)");
+            Problem::precondition_failed(Some(version), &ctx.pre, ctx.config.validators_on_412)
+                .into_response()
         }
     }
 }
@@ -418,7 +430,7 @@ fn answer_seeded<B>(
 /// naming tags cannot be confirmed, so it fails.
 fn unverifiable<B>(pre: &Preconditions, mut response: Response<B>) -> Response<ResponseBody<B>> {
     if protocol::if_match_names_tags(pre) {
-        return Problem::precondition_failed(None).into_response();
+        return Problem::precondition_failed(None, pre, false).into_response();
     }
     remove_validators(response.headers_mut());
     response.map(ResponseBody::inner)
@@ -463,25 +475,30 @@ async fn finish_write<B, E>(
     result: Result<Response<B>, E>,
 ) -> Output<B, E> {
     let settlement = match &result {
-        Err(_) => Settlement::Fresh,
+        Err(_) => Settlement::Unknown,
         Ok(r) if r.status().is_success() && ctx.method == Method::DELETE => Settlement::Remove,
         Ok(r) if r.status().is_success() => Settlement::Commit(strong_etag(r.headers(), &ctx.key)),
         Ok(r) if r.status().is_client_error() => Settlement::Release,
-        Ok(_) => Settlement::Fresh,
+        Ok(_) => Settlement::Unknown,
     };
-    let released = settlement == Settlement::Release;
     let settled = guard.settle(settlement).await;
     let mut response = result?;
-    if !released {
-        match settled {
-            Some(version) => set_validators(response.headers_mut(), &version),
-            None => remove_validators(response.headers_mut()),
+    let success = response.status().is_success();
+    match settled {
+        // Validators go on 2xx only: a client that keeps the last ETag it saw must not
+        // pick up one from a 5xx, whose write may not have happened as it asked.
+        Settled::Applied(Some(version)) if success => {
+            set_validators(response.headers_mut(), &version)
         }
+        Settled::LeaseLost if success => {
+            return Ok(Problem::lease_lost(ctx.config.retry_after).into_response());
+        }
+        _ => remove_validators(response.headers_mut()),
     }
     Ok(response.map(ResponseBody::inner))
 }
 
 async fn timed_out<B, E>(ctx: Ctx, guard: WriteGuard) -> Output<B, E> {
-    guard.settle(Settlement::Fresh).await;
+    guard.settle(Settlement::Unknown).await;
     Ok(Problem::handler_timeout(ctx.config.retry_after).into_response())
 }

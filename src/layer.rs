@@ -1,16 +1,13 @@
 //! [`PreconditionLayer`] and its builder.
 
-use std::{
-    fmt,
-    sync::Arc,
-    time::{Duration, SystemTime},
-};
+use std::{fmt, sync::Arc, time::Duration};
 
 use http::{request::Parts, Method};
 use tower_layer::Layer;
 
 use crate::{
     admission::{self, KeyFn},
+    clock::StoreClock,
     service::PreconditionService,
     store::AtomicVersionStore,
 };
@@ -28,27 +25,9 @@ pub(crate) struct Config {
     pub(crate) short_circuit_reads: bool,
     pub(crate) retry_after: Duration,
     pub(crate) max_reserve_attempts: u32,
-}
-
-impl Config {
-    /// The handler's deadline: the configured one, but always well inside the lease, so
-    /// that a lease can never expire while its handler still runs.
-    pub(crate) fn handler_deadline(&self) -> Duration {
-        self.handler_timeout.min(self.lease.mul_f64(0.8))
-    }
-
-    /// The deadline of a handler starting now under a lease that expires at
-    /// `lease_expires_at`: [`handler_deadline`](Self::handler_deadline), but never past
-    /// 80% of the lease counted from its start, so the time the reserve itself took
-    /// (up to a store timeout) cannot push the handler past the lease.
-    pub(crate) fn handler_deadline_within(&self, lease_expires_at: SystemTime) -> Duration {
-        let margin = self.lease.saturating_sub(self.lease.mul_f64(0.8));
-        let left = lease_expires_at
-            .checked_sub(margin)
-            .and_then(|end| end.duration_since(SystemTime::now()).ok())
-            .unwrap_or(Duration::ZERO);
-        self.handler_deadline().min(left)
-    }
+    pub(crate) validators_on_412: bool,
+    /// This layer's reading of the store's clock (leases are judged by it).
+    pub(crate) clock: Arc<StoreClock>,
 }
 
 /// A [`Layer`] that evaluates HTTP preconditions (RFC 9110 section 13) and makes the
@@ -124,6 +103,8 @@ impl PreconditionLayer {
                 short_circuit_reads: true,
                 retry_after: Duration::from_secs(1),
                 max_reserve_attempts: 4,
+                validators_on_412: true,
+                clock: Arc::default(),
             },
         }
     }
@@ -196,6 +177,15 @@ impl PreconditionLayer {
     /// `Content-Location`): the handler then runs and its `2xx` becomes the `304`.
     pub fn short_circuit_reads(mut self, short_circuit: bool) -> Self {
         self.config.short_circuit_reads = short_circuit;
+        self
+    }
+
+    /// Whether a `412` carries the resource's current `ETag` and `Last-Modified` (the
+    /// default), so that a client can re-sync without another request. Turn it off when
+    /// a version is not for anyone who asks: a `412` is answered before the handler, so
+    /// whoever can send the request learns the current tag.
+    pub fn validators_on_412(mut self, include: bool) -> Self {
+        self.config.validators_on_412 = include;
         self
     }
 

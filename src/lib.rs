@@ -89,6 +89,7 @@
 
 mod admission;
 mod body;
+mod clock;
 pub mod etag;
 pub mod evaluate;
 mod fresh;

@@ -14,8 +14,10 @@ use std::{
 
 use http::Method;
 use pin_project_lite::pin_project;
+use tokio::time::Instant;
 
 use crate::{
+    clock::{far_future, millis},
     etag::{EntityTag, TagList},
     evaluate::{evaluate, Decision, Preconditions},
     fresh::fresh_etag,
@@ -44,7 +46,8 @@ use crate::{
 pub struct Reservation {
     key: Arc<str>,
     replacing: Option<Version>,
-    lease_expires_at: SystemTime,
+    create: bool,
+    deadline: Instant,
 }
 
 impl Reservation {
@@ -58,17 +61,22 @@ impl Reservation {
         self.replacing.as_ref()
     }
 
-    /// Whether the layer knows no version of this resource, so the write creates it.
+    /// Whether this write creates the resource: the layer knows no version written for
+    /// it, or the client asked for a create (`If-None-Match: *`) where only a read had
+    /// seen the resource.
     ///
-    /// A handler should still make its own write conditional on that (an
-    /// `INSERT ... ON CONFLICT DO NOTHING`), because a store may have forgotten versions.
+    /// The handler must make its own write conditional on that (an
+    /// `INSERT ... ON CONFLICT DO NOTHING`, answering `412` when the row exists): the
+    /// layer knows what writes and reads told it, not what is in the database.
     pub fn is_create(&self) -> bool {
-        self.replacing.is_none()
+        self.create
     }
 
-    /// When the reservation's lease expires; the handler must be done well before.
-    pub fn lease_expires_at(&self) -> SystemTime {
-        self.lease_expires_at
+    /// The instant by which the handler must be done: the layer cancels it then
+    /// (`503`, and the resource gets a fresh version). It lies safely inside the lease,
+    /// judged by the store's clock.
+    pub fn deadline(&self) -> std::time::Instant {
+        self.deadline.into_std()
     }
 }
 
@@ -81,8 +89,10 @@ pub(crate) enum Settlement {
     Remove,
     /// 4xx: the handler refused; keep the old version.
     Release,
-    /// 5xx, error, timeout, drop: the write may have happened; give a fresh version.
-    Fresh,
+    /// 5xx, error, timeout, drop, a body that failed mid-read: the write may have
+    /// happened. A resource that had a version gets a fresh one (every old tag fails);
+    /// one that had none goes back to having none, which is where it was before.
+    Unknown,
 }
 
 impl Settlement {
@@ -91,9 +101,33 @@ impl Settlement {
             Settlement::Commit(_) => "commit",
             Settlement::Remove => "remove",
             Settlement::Release => "release",
-            Settlement::Fresh => "fresh",
+            Settlement::Unknown => "unknown",
         }
     }
+}
+
+/// What a settle found.
+#[derive(Debug)]
+pub(crate) enum Settled {
+    /// The settle applied; the version now committed, if any.
+    Applied(Option<Version>),
+    /// Another request took the lease over before we settled: the handler outlived its
+    /// lease. The write must not be reported as a plain success.
+    LeaseLost,
+    /// The store did not answer; the lease will expire and be taken over.
+    Unknown,
+}
+
+/// What a write does if it is dropped before it settled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum OnDrop {
+    /// Settled already: nothing.
+    Nothing,
+    /// The reserve was sent but not answered: undo our lease if it landed, and fence
+    /// the entry it expected, so that a reserve landing late cannot apply.
+    Unreserve,
+    /// The handler may have run: an unknown outcome.
+    Unknown,
 }
 
 /// A reserved write. Owns the lease until it is settled; dropped unsettled, it settles
@@ -101,11 +135,14 @@ impl Settlement {
 pub(crate) struct WriteGuard {
     store: Arc<dyn AtomicVersionStore>,
     key: Arc<str>,
+    /// The entry the reserve expected to find.
+    before: Option<Entry>,
     reserved: Entry,
     replacing: Option<Version>,
+    create: bool,
+    deadline: Instant,
     store_timeout: Duration,
-    /// What to do if dropped unsettled; `None` once settled.
-    on_drop: Option<Settlement>,
+    on_drop: OnDrop,
 }
 
 impl WriteGuard {
@@ -113,16 +150,25 @@ impl WriteGuard {
         Reservation {
             key: self.key.clone(),
             replacing: self.replacing.clone(),
-            lease_expires_at: self
-                .reserved
-                .lease()
-                .map_or_else(SystemTime::now, Lease::expires_at),
+            create: self.create,
+            deadline: self.deadline,
         }
     }
 
-    /// From now on the handler may have run: a drop means "unknown", a fresh version.
+    /// The instant by which the handler must be done.
+    pub(crate) fn deadline(&self) -> Instant {
+        self.deadline
+    }
+
+    /// From now on the handler may have run: a drop means "unknown".
     pub(crate) fn handler_started(&mut self) {
-        self.on_drop = Some(Settlement::Fresh);
+        self.on_drop = OnDrop::Unknown;
+    }
+
+    fn token(&self) -> LeaseToken {
+        self.reserved
+            .lease()
+            .map_or_else(LeaseToken::random, Lease::token)
     }
 
     fn new_entry(&self, settlement: Settlement) -> Option<Entry> {
@@ -132,19 +178,18 @@ impl WriteGuard {
             Settlement::Commit(etag) => {
                 successor(etag.unwrap_or_else(fresh_etag)).map(Entry::committed)
             }
-            Settlement::Fresh => successor(fresh_etag()).map(Entry::committed),
+            Settlement::Unknown => self
+                .replacing
+                .as_ref()
+                .and_then(|_| successor(fresh_etag()))
+                .map(Entry::committed),
             Settlement::Remove => None,
             Settlement::Release => Entry::from_parts(self.replacing.clone(), None),
         }
     }
 
     /// Settles the write: one compare-and-set that must still find our lease.
-    ///
-    /// Returns the version now committed, for the response's validators: `None` when
-    /// the entry was removed or released to no version, or when the settle did not
-    /// apply (the lease was lost, or the store failed; both are logged here, and the
-    /// layer then cannot vouch for any version).
-    pub(crate) async fn settle(mut self, settlement: Settlement) -> Option<Version> {
+    pub(crate) async fn settle(mut self, settlement: Settlement) -> Settled {
         let outcome_name = settlement.name();
         let new = self.new_entry(settlement);
         let attempt = || {
@@ -161,68 +206,114 @@ impl WriteGuard {
             tracing::debug!(key = &*self.key, %error, "settle failed; retrying once");
             outcome = attempt().await;
         }
-        // Settled, taken over, or left to expire and be taken over with a fresh
-        // version: in every case there is nothing left for the drop handler to do.
-        self.on_drop = None;
+        // Settled, taken over, or left to expire and be taken over: in every case
+        // there is nothing left for the drop handler to do.
+        self.on_drop = OnDrop::Nothing;
         let key = &*self.key;
         match outcome {
             Ok(CasOutcome::Applied) => {
                 tracing::debug!(key, outcome = outcome_name, "write settled");
-                new.and_then(Entry::into_version)
+                Settled::Applied(new.and_then(Entry::into_version))
             }
             Ok(CasOutcome::Mismatch { current }) => {
-                tracing::warn!(
+                tracing::error!(
                     key,
                     outcome = outcome_name,
                     current = ?current,
                     "lease lost before settling: the handler outlived its lease"
                 );
-                None
+                self.invalidate_after_lost_lease(current).await;
+                Settled::LeaseLost
             }
             Err(error) => {
                 tracing::error!(key, outcome = outcome_name, %error,
-                    "could not settle the write; the lease will expire and be taken over with a fresh version");
-                None
+                    "could not settle the write; the lease will expire and be taken over");
+                Settled::Unknown
             }
+        }
+    }
+
+    /// Our handler wrote after its lease was taken over. If nobody holds the resource
+    /// now, give it a fresh version, so that no tag handed out before our write keeps
+    /// matching; a writer that holds it will commit a new version itself.
+    async fn invalidate_after_lost_lease(&self, current: Option<Entry>) {
+        let Some(found) = current else { return };
+        let Some(version) = found.version() else {
+            return;
+        };
+        if found.lease().is_some_and(|l| !l.is_released()) {
+            return;
+        }
+        let fresh = Version::successor(Some(version), fresh_etag(), SystemTime::now())
+            .map(|v| v.with_seeded(version.is_seeded()))
+            .map(Entry::committed);
+        let result = store_call(
+            self.store_timeout,
+            self.store
+                .compare_and_set(&self.key, Some(&found), fresh.as_ref()),
+        )
+        .await;
+        if let Ok(CasOutcome::Applied) = result {
+            tracing::warn!(key = &*self.key, "fresh version after a lost lease");
         }
     }
 }
 
 impl Drop for WriteGuard {
     fn drop(&mut self) {
-        let Some(settlement) = self.on_drop.take() else {
-            return;
+        let on_drop = std::mem::replace(&mut self.on_drop, OnDrop::Nothing);
+        let settlement = match on_drop {
+            OnDrop::Nothing => return,
+            OnDrop::Unreserve => Settlement::Release,
+            OnDrop::Unknown => Settlement::Unknown,
         };
         let outcome_name = settlement.name();
         let new = self.new_entry(settlement);
+        // Fencing an unanswered reserve: an entry no earlier call can expect.
+        let fence = (on_drop == OnDrop::Unreserve)
+            .then(|| Entry::from_parts(self.replacing.clone(), Some(Lease::released(self.token()))))
+            .flatten();
         let store = self.store.clone();
         let key = self.key.clone();
         let reserved = self.reserved.clone();
+        let before = self.before.clone();
         let timeout = self.store_timeout;
-        match tokio::runtime::Handle::try_current() {
-            Ok(runtime) => {
-                tracing::info!(
-                    key = &*key,
-                    outcome = outcome_name,
-                    "write abandoned; settling in the background"
-                );
-                runtime.spawn(async move {
-                    let result = store_call(
-                        timeout,
-                        store.compare_and_set(&key, Some(&reserved), new.as_ref()),
-                    )
-                    .await;
-                    if let Err(error) = result {
-                        tracing::error!(key = &*key, %error,
-                            "could not settle an abandoned write; its lease will expire and be taken over");
-                    }
-                });
-            }
-            Err(_) => tracing::warn!(
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            tracing::warn!(
                 key = &*key,
                 "write abandoned outside a Tokio runtime; its lease will expire and be taken over"
-            ),
-        }
+            );
+            return;
+        };
+        tracing::info!(
+            key = &*key,
+            outcome = outcome_name,
+            "write abandoned; settling in the background"
+        );
+        runtime.spawn(async move {
+            let cas = |expected: Option<Entry>, new: Option<Entry>| {
+                let store = store.clone();
+                let key = key.clone();
+                async move {
+                    store_call(
+                        timeout,
+                        store.compare_and_set(&key, expected.as_ref(), new.as_ref()),
+                    )
+                    .await
+                }
+            };
+            let result = match cas(Some(reserved), new).await {
+                // The reserve never landed: fence the entry it expected.
+                Ok(CasOutcome::Mismatch { current }) if fence.is_some() && current == before => {
+                    cas(before, fence).await
+                }
+                other => other,
+            };
+            if let Err(error) = result {
+                tracing::error!(key = &*key, %error,
+                    "could not settle an abandoned write; its lease will expire and be taken over");
+            }
+        });
     }
 }
 
@@ -297,23 +388,30 @@ where
     }
 }
 
-/// The lease rule every write applies to the entry it found: `None` while another
-/// write's lease is live (`409`); otherwise the version to evaluate the preconditions
-/// against, and whether it takes over an expired lease. The writer of an expired lease
-/// may have written before it died, so every old tag must fail from then on: the base
-/// is then a fresh version.
-pub(crate) fn write_base(
-    entry: Option<&Entry>,
-    now: SystemTime,
-) -> Option<(Option<Version>, bool)> {
+/// The lease rule every write applies to the entry it found, at `now_millis` on the
+/// store's clock: `None` while another write's lease is live (`409`); otherwise the
+/// version to evaluate the preconditions against, and whether it takes over an expired
+/// lease. The writer of an expired lease may have written before it died, so every old
+/// tag must fail from then on: the base is then a fresh version, or no version at all
+/// for a resource that had none (a crashed create proves nothing about existence).
+pub(crate) fn write_base(entry: Option<&Entry>, now_millis: u64) -> Option<(Option<Version>, bool)> {
     let Some(entry) = entry else {
         return Some((None, false));
     };
-    match entry.lease() {
-        Some(lease) if !lease.is_expired_at(now) => None,
-        Some(_) => Some((Version::successor(entry.version(), fresh_etag(), now), true)),
-        None => Some((entry.version().cloned(), false)),
+    if entry.live_lease(now_millis).is_some() {
+        return None;
     }
+    if entry.expired_lease(now_millis).is_some() {
+        return Some((unknown_outcome_base(entry.version()), true));
+    }
+    Some((entry.version().cloned(), false))
+}
+
+/// What a resource's version becomes after a write of unknown outcome based on `version`.
+fn unknown_outcome_base(version: Option<&Version>) -> Option<Version> {
+    let version = version?;
+    Version::successor(Some(version), fresh_etag(), SystemTime::now())
+        .map(|v| v.with_seeded(version.is_seeded()))
 }
 
 /// Reserve: evaluate the preconditions against the current entry and, in the same
@@ -329,13 +427,18 @@ pub(crate) async fn reserve(
         Problem::store_unavailable(config.retry_after)
     };
     let store = &config.store;
+    let clock = config
+        .clock
+        .now(&**store, config.store_timeout)
+        .await
+        .map_err(store_failed)?;
     let mut current = store_call(config.store_timeout, store.load(&key))
         .await
         .map_err(store_failed)?;
 
     for _ in 0..config.max_reserve_attempts {
-        let now = SystemTime::now();
-        let Some((base, takeover)) = write_base(current.as_ref(), now) else {
+        let now_millis = clock.millis();
+        let Some((base, takeover)) = write_base(current.as_ref(), now_millis) else {
             tracing::info!(
                 key = &*key,
                 "write refused: another write is in flight (409)"
@@ -345,8 +448,8 @@ pub(crate) async fn reserve(
 
         if evaluate(&method, &pre, base.as_ref()) != Decision::Proceed {
             if takeover {
-                // Record the fresh version even though this request fails, so the
-                // expired lease is cleared and the 412 carries the real current tag.
+                // Record the takeover even though this request fails, so the expired
+                // lease is cleared and the 412 carries the real current tag.
                 let cleared = base.clone().map(Entry::committed);
                 match store_call(
                     config.store_timeout,
@@ -363,20 +466,35 @@ pub(crate) async fn reserve(
                 }
             }
             tracing::info!(key = &*key, current = ?base.as_ref().map(Version::etag), "precondition failed (412)");
-            return Err(Problem::precondition_failed(base));
+            return Err(Problem::precondition_failed(base, &pre, config.validators_on_412));
         }
 
-        let lease = Lease::new(LeaseToken::random(), now + config.lease);
+        let expires = now_millis.saturating_add(millis(config.lease));
+        let lease = Lease::from_parts(LeaseToken::random(), expires);
         let reserved = Entry::from_parts(base.clone(), Some(lease))
             .expect("an entry with a lease is never empty");
+        // The handler must be done while the store's clock is surely short of the
+        // expiry, with a fifth of the lease left over for the settle.
+        let lease_end = clock.local_instant_before(expires);
+        let settle_room = config.lease / 5;
+        let deadline = Instant::now()
+            .checked_add(config.handler_timeout)
+            .unwrap_or_else(far_future)
+            .min(lease_end.checked_sub(settle_room).unwrap_or(lease_end));
+        let create = base.is_none()
+            || (matches!(pre.if_none_match, Some(TagList::Any))
+                && base.as_ref().is_some_and(Version::is_seeded));
         let mut guard = WriteGuard {
             store: store.clone(),
             key: key.clone(),
+            before: current.clone(),
             reserved,
             replacing: base,
+            create,
+            deadline,
             store_timeout: config.store_timeout,
             // Dropped while the reserve is in flight: undo our lease if it landed.
-            on_drop: Some(Settlement::Release),
+            on_drop: OnDrop::Unreserve,
         };
         let outcome = store_call(
             config.store_timeout,
@@ -388,17 +506,18 @@ pub(crate) async fn reserve(
                 tracing::debug!(
                     key = &*key,
                     takeover,
-                    create = guard.replacing.is_none(),
+                    create = guard.create,
                     "write reserved"
                 );
                 return Ok(guard);
             }
             Ok(CasOutcome::Mismatch { current: found }) => {
-                guard.on_drop = None;
+                guard.on_drop = OnDrop::Nothing;
                 current = found;
             }
             Err(error) => {
-                // The lease may or may not have landed; the guard releases it if it did.
+                // The lease may or may not have land, or land later; the guard's drop
+                // undoes it, or fences the entry so that it cannot.
                 return Err(store_failed(error));
             }
         }
@@ -410,87 +529,129 @@ pub(crate) async fn reserve(
     Err(Problem::write_in_flight(config.retry_after))
 }
 
-/// Loads `key`'s entry for a read. An expired lease means its writer died with the
-/// outcome unknown: the read takes it over with a fresh version, as a write would, so
-/// that no old tag keeps matching (invariant 3) until some write comes along.
-pub(crate) async fn load_for_read(config: &Config, key: &str) -> Result<Option<Entry>, StoreError> {
+/// What a read learned from the store before its handler runs.
+#[derive(Debug)]
+pub(crate) struct ReadStart {
+    /// The entry to judge the read by.
+    pub(crate) entry: Option<Entry>,
+    /// Set when this read gave the resource its first version (a seed): the entry to
+    /// put back if the handler does not answer `2xx`.
+    pub(crate) seeded_over: Option<Option<Entry>>,
+}
+
+/// Loads `key`'s entry for a read.
+///
+/// * An expired lease means its writer died with the outcome unknown: the read takes it
+///   over as a write would, so that no old tag keeps matching (invariant 3).
+/// * A resource with no version (and no write in flight) is *seeded* now, before its
+///   handler runs: a body the handler reads afterwards is described by that version
+///   until a write replaces it. Seeding after the handler would let a `DELETE` that ran
+///   in between leave its pre-delete body labelled with a version that still matches.
+///   If the handler does not answer `2xx`, the seed is undone.
+pub(crate) async fn load_for_read(config: &Config, key: &str) -> Result<ReadStart, StoreError> {
     let store = &config.store;
     let mut current = store_call(config.store_timeout, store.load(key)).await?;
+    let mut clock = None;
     for _ in 0..config.max_reserve_attempts {
-        let now = SystemTime::now();
-        let Some(entry) = &current else {
-            return Ok(None);
+        let has_lease = current
+            .as_ref()
+            .and_then(Entry::lease)
+            .is_some_and(|l| !l.is_released());
+        let now_millis = if has_lease {
+            let now = match clock {
+                Some(now) => now,
+                None => *clock.insert(config.clock.now(&**store, config.store_timeout).await?),
+            };
+            now.millis()
+        } else {
+            0
         };
-        if !entry.lease().is_some_and(|lease| lease.is_expired_at(now)) {
-            return Ok(current);
-        }
-        let fresh = Version::successor(entry.version(), fresh_etag(), now).map(Entry::committed);
+        let next = match &current {
+            Some(entry) if entry.expired_lease(now_millis).is_some() => {
+                unknown_outcome_base(entry.version()).map(Entry::committed)
+            }
+            Some(entry) if entry.live_lease(now_millis).is_some() || entry.version().is_some() => {
+                return Ok(ReadStart {
+                    entry: current,
+                    seeded_over: None,
+                });
+            }
+            // No version and nobody writing: seed one.
+            _ => Version::new(fresh_etag(), SystemTime::now())
+                .map(|v| Entry::committed(v.with_seeded(true))),
+        };
+        let seeding = next.as_ref().and_then(Entry::version).is_some_and(Version::is_seeded)
+            && current.as_ref().and_then(Entry::version).is_none();
         let outcome = store_call(
             config.store_timeout,
-            store.compare_and_set(key, Some(entry), fresh.as_ref()),
+            store.compare_and_set(key, current.as_ref(), next.as_ref()),
         )
         .await?;
         match outcome {
+            CasOutcome::Applied if seeding => {
+                tracing::debug!(key, "version seeded by a read");
+                return Ok(ReadStart {
+                    entry: next,
+                    seeded_over: Some(current),
+                });
+            }
             CasOutcome::Applied => {
-                tracing::info!(key, "expired lease taken over by a read: fresh version");
-                return Ok(fresh);
+                tracing::info!(key, "expired lease taken over by a read");
+                current = next;
             }
             CasOutcome::Mismatch { current: found } => current = found,
         }
     }
     // Still contended: serve the read without validators rather than guess.
     Err(StoreError::unavailable(
-        "an expired lease could not be taken over (contention)",
+        "the entry kept changing while a read tried to settle it (contention)",
     ))
 }
 
-/// The result of a read's store steps after the handler answered 2xx for a resource with
-/// no known version.
-pub(crate) enum Seeded {
-    /// The resource now has this version.
-    Version(Version),
-    /// Another request versioned it first; our body may predate that version, so the
-    /// response goes out without validators.
-    Unknown,
-}
-
-/// Seeds a version for a resource that a 2xx read found unversioned.
-pub(crate) async fn seed(
-    config: &Config,
-    key: &str,
-    handler_etag: Option<EntityTag>,
-) -> Result<Seeded, StoreError> {
-    let etag = handler_etag.unwrap_or_else(fresh_etag);
-    let entry = Version::new(etag, SystemTime::now()).map(Entry::committed);
-    let Some(entry) = entry else {
-        return Ok(Seeded::Unknown);
-    };
-    let outcome = store_call(
-        config.store_timeout,
-        config.store.compare_and_set(key, None, Some(&entry)),
-    )
-    .await?;
-    Ok(match outcome {
-        CasOutcome::Applied => {
-            tracing::debug!(key, "version seeded by a read");
-            Seeded::Version(entry.into_version().expect("committed entry has a version"))
-        }
-        CasOutcome::Mismatch { .. } => Seeded::Unknown,
-    })
-}
-
-/// Clears the entry of a resource a read found gone (404 / 410), so that a create with
-/// `If-None-Match: *` is not refused forever after a write whose outcome was unknown.
-pub(crate) async fn clear_gone(config: &Config, key: &str, entry: &Entry) {
+/// Puts back what a seed replaced, after a read whose handler did not answer `2xx`:
+/// a version no one was given must not stay behind for a resource that may not exist.
+pub(crate) async fn undo_seed(config: &Config, key: &str, seeded: &Entry, before: Option<&Entry>) {
     let result = store_call(
         config.store_timeout,
-        config.store.compare_and_set(key, Some(entry), None),
+        config.store.compare_and_set(key, Some(seeded), before),
     )
     .await;
     match result {
-        Ok(CasOutcome::Applied) => tracing::debug!(key, "entry of a gone resource cleared"),
+        Ok(CasOutcome::Applied) => tracing::debug!(key, "seed undone: the read was not 2xx"),
         Ok(CasOutcome::Mismatch { .. }) => {}
-        Err(error) => tracing::warn!(key, %error, "could not clear the entry of a gone resource"),
+        Err(error) => tracing::warn!(key, %error, "could not undo a seed"),
+    }
+}
+
+/// Moves a resource to the handler's own strong tag, when a read handler answers with a
+/// tag other than the stored one: the data changed by a path the layer did not see,
+/// and the stored tag no longer describes it. Returns the version that now describes
+/// the response, `None` when the entry changed meanwhile (the response then goes out
+/// without validators).
+pub(crate) async fn adopt_handler_tag(
+    config: &Config,
+    key: &str,
+    entry: &Entry,
+    etag: EntityTag,
+) -> Option<Version> {
+    let old = entry.version()?;
+    let adopted = Version::successor(Some(old), etag, SystemTime::now())?.with_seeded(old.is_seeded());
+    let new = Entry::committed(adopted.clone());
+    let result = store_call(
+        config.store_timeout,
+        config.store.compare_and_set(key, Some(entry), Some(&new)),
+    )
+    .await;
+    match result {
+        Ok(CasOutcome::Applied) => {
+            tracing::info!(key, "the handler's own ETag replaced the stored version");
+            Some(adopted)
+        }
+        Ok(CasOutcome::Mismatch { .. }) => None,
+        Err(error) => {
+            tracing::warn!(key, %error, "could not adopt the handler's ETag");
+            None
+        }
     }
 }
 

@@ -19,7 +19,12 @@ use http::{
     HeaderMap, Response, StatusCode,
 };
 
-use crate::{body::ResponseBody, store::Version};
+use crate::{
+    body::ResponseBody,
+    etag::{EntityTag, TagList},
+    evaluate::Preconditions,
+    store::Version,
+};
 
 const PROBLEM_JSON: HeaderValue = HeaderValue::from_static("application/problem+json");
 
@@ -129,26 +134,45 @@ impl Problem {
         }
     }
 
-    /// `412`: a precondition evaluated to false.
-    pub(crate) fn precondition_failed(current: Option<Version>) -> Self {
-        let detail = match &current {
-            Some(_) => {
-                "The resource has changed since you last read it. Fetch it again \
-                        (its current ETag is in the ETag header) and resend your change \
-                        with the new ETag in If-Match."
-            }
-            None => {
-                "The resource has no current version that matches your precondition. \
-                     Fetch it again before resending your change."
-            }
+    /// `412`: a precondition evaluated to false against `current`. Each cause has its
+    /// own `code` and detail. With `with_validators` off, the current `ETag` and
+    /// `Last-Modified` are left out (for resources whose versions are not for anyone
+    /// who asks).
+    pub(crate) fn precondition_failed(
+        current: Option<Version>,
+        pre: &Preconditions,
+        with_validators: bool,
+    ) -> Self {
+        let (code, detail) = failed_precondition(current.as_ref(), pre);
+        let detail = if with_validators && current.is_some() {
+            format!("{detail} The current ETag is in the ETag header.")
+        } else {
+            detail.to_owned()
         };
         Self {
-            current,
+            current: current.filter(|_| with_validators),
             ..Self::new(
                 StatusCode::PRECONDITION_FAILED,
-                "precondition_failed",
+                code,
                 "Precondition failed",
-                detail.into(),
+                detail,
+            )
+        }
+    }
+
+    /// `503`: the write ran, but its lease was taken over before it settled (the
+    /// handler outlived its lease), so the layer cannot vouch that it was the only one.
+    pub(crate) fn lease_lost(retry_after: Duration) -> Self {
+        Self {
+            retry_after: Some(retry_after),
+            ..Self::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "lease_lost",
+                "Write outcome uncertain",
+                "The write took longer than its lease, and another request took the \
+                 resource over before it finished. It may or may not have been applied, \
+                 and the resource has a new version: fetch it before retrying."
+                    .into(),
             )
         }
     }
@@ -265,6 +289,54 @@ impl Problem {
             headers.insert(header::RETRY_AFTER, HeaderValue::from(secs.max(1)));
         }
         response
+    }
+}
+
+/// Which precondition failed, as a stable code and a detail for the client. Follows
+/// the evaluation order of RFC 9110 section 13.2.2, as `evaluate` does.
+fn failed_precondition(current: Option<&Version>, pre: &Preconditions) -> (&'static str, &'static str) {
+    if let Some(if_match) = &pre.if_match {
+        if !current.is_some_and(|v| if_match.strong_match(v.etag())) {
+            return match if_match {
+                TagList::Any => (
+                    "resource_missing",
+                    "If-Match: * requires the resource to exist, and it has no current version.",
+                ),
+                TagList::Tags(tags) if tags.iter().all(EntityTag::is_weak) => (
+                    "weak_etag_in_if_match",
+                    "If-Match compares entity tags strongly, so a weak tag (W/\"...\") never \
+                     matches. Send the strong ETag of the representation you last read.",
+                ),
+                TagList::Tags(_) if current.is_none() => (
+                    "no_current_version",
+                    "The resource has no current version matching your If-Match. Fetch it \
+                     again before resending your change.",
+                ),
+                TagList::Tags(_) => (
+                    "etag_mismatch",
+                    "The resource has changed since you last read it. Fetch it again and \
+                     resend your change with the new ETag in If-Match.",
+                ),
+            };
+        }
+    } else if pre.if_unmodified_since.is_some() {
+        return (
+            "modified_since",
+            "The resource was modified after the date in If-Unmodified-Since (or its \
+             modification date is not known). Fetch it again and resend your change with \
+             its ETag in If-Match.",
+        );
+    }
+    match &pre.if_none_match {
+        Some(TagList::Any) => (
+            "resource_exists",
+            "If-None-Match: * asks to create the resource only if it does not exist, and it \
+             exists. Fetch it and update it with If-Match instead.",
+        ),
+        _ => (
+            "etag_matches",
+            "The resource's current ETag is one listed in If-None-Match.",
+        ),
     }
 }
 

@@ -4,6 +4,7 @@ use std::{
     collections::HashMap,
     hash::{BuildHasher, RandomState},
     sync::{Mutex, MutexGuard},
+    time::Instant,
 };
 
 use super::{AtomicVersionStore, CasOutcome, Entry, StoreError};
@@ -17,6 +18,23 @@ type Shard = Mutex<HashMap<Box<str>, Entry>>;
 /// the store is correct and fast under many threads. Use it for a single-process app,
 /// tests and demos; several processes sharing versions need Redis or Postgres.
 ///
+/// # A bounded store
+///
+/// The store holds at most [`capacity`](Self::with_capacity) entries (default
+/// [`DEFAULT_CAPACITY`](Self::DEFAULT_CAPACITY)), whatever clients send. A new key that finds its shard full
+/// evicts another entry of that shard that has no live lease. Eviction never lets an
+/// old `ETag` match: a key with no entry matches no `If-Match` tag and no
+/// `If-Unmodified-Since` on a write, and its next read gets a new random version. What
+/// an evicted key loses is the layer's knowledge that the resource exists, so a later
+/// `If-None-Match: *` create is decided by the handler's own conditional insert, as for
+/// any resource the layer has no version of. A live lease is never evicted (that would
+/// let a second writer in): when a shard holds nothing but live leases, a new key is
+/// refused with a store error, so the write gets `503`.
+///
+/// Leases are judged by the store's own monotonic clock
+/// ([`clock_millis`](AtomicVersionStore::clock_millis)), which wall-clock steps do not
+/// move.
+///
 /// ```
 /// use tower_precondition::{PreconditionLayer, MemoryStore};
 ///
@@ -27,7 +45,10 @@ type Shard = Mutex<HashMap<Box<str>, Entry>>;
 pub struct MemoryStore {
     shards: Box<[Shard]>,
     hasher: RandomState,
+    per_shard: usize,
+    origin: Instant,
 }
+
 
 impl Default for MemoryStore {
     fn default() -> Self {
@@ -36,18 +57,48 @@ impl Default for MemoryStore {
 }
 
 impl MemoryStore {
-    /// A store with a shard count suited to this machine (4 per core, at least 16).
+    /// The default bound: one million entries (about 100 MiB with short keys and tags).
+    pub const DEFAULT_CAPACITY: usize = 1_000_000;
+
+    /// A store of [`DEFAULT_CAPACITY`](Self::DEFAULT_CAPACITY) entries with a shard count suited to this
+    /// machine (4 per core, at least 16).
     pub fn new() -> Self {
-        let cores = std::thread::available_parallelism().map_or(4, |n| n.get());
-        Self::with_shards((cores * 4).max(16))
+        Self::with_capacity(Self::DEFAULT_CAPACITY)
     }
 
-    /// A store with `shards` shards (at least one).
+    /// A store of at most `capacity` entries (at least one per shard), with the default
+    /// shard count.
+    pub fn with_capacity(capacity: usize) -> Self {
+        let cores = std::thread::available_parallelism().map_or(4, |n| n.get());
+        Self::with_shards_and_capacity(cores.saturating_mul(4).max(16), capacity)
+    }
+
+    /// A store with `shards` shards (at least one) and the default capacity.
     pub fn with_shards(shards: usize) -> Self {
+        Self::with_shards_and_capacity(shards, Self::DEFAULT_CAPACITY)
+    }
+
+    /// A store with `shards` shards (at least one) of `capacity / shards` entries each
+    /// (at least one). The bound is per shard so that a full store never takes more
+    /// than one lock.
+    pub fn with_shards_and_capacity(shards: usize, capacity: usize) -> Self {
+        let shards = shards.clamp(1, capacity.max(1));
         Self {
-            shards: (0..shards.max(1)).map(|_| Mutex::default()).collect(),
+            shards: (0..shards).map(|_| Mutex::default()).collect(),
             hasher: RandomState::new(),
+            per_shard: (capacity / shards).max(1),
+            origin: Instant::now(),
         }
+    }
+
+    /// The most entries the store holds.
+    pub fn capacity(&self) -> usize {
+        self.per_shard.saturating_mul(self.shards.len())
+    }
+
+    fn now_millis(&self) -> u64 {
+        // Starts at 1: a lease expiry of 0 is a release marker.
+        1 + u64::try_from(self.origin.elapsed().as_millis()).unwrap_or(u64::MAX - 1)
     }
 
     /// How many keys have an entry.
@@ -95,6 +146,23 @@ impl AtomicVersionStore for MemoryStore {
             // Replace in place: `insert` would allocate a new key only to drop it.
             (Some(slot), Some(entry)) => *slot = entry.clone(),
             (None, Some(entry)) => {
+                if shard.len() >= self.per_shard {
+                    let now = self.now_millis();
+                    let victim = shard
+                        .iter()
+                        .find(|(_, e)| e.live_lease(now).is_none())
+                        .map(|(k, _)| k.clone());
+                    match victim {
+                        Some(victim) => {
+                            shard.remove(&victim);
+                        }
+                        None => {
+                            return Err(StoreError::unavailable(
+                                "memory store full: every entry of the shard is a live lease",
+                            ))
+                        }
+                    }
+                }
                 shard.insert(key.into(), entry.clone());
             }
             (Some(_), None) => {
@@ -103,5 +171,57 @@ impl AtomicVersionStore for MemoryStore {
             (None, None) => {}
         }
         Ok(CasOutcome::Applied)
+    }
+
+    async fn clock_millis(&self) -> Result<u64, StoreError> {
+        Ok(self.now_millis())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::SystemTime;
+
+    use super::*;
+    use crate::{
+        etag::EntityTag,
+        store::{Lease, LeaseToken, Version},
+    };
+
+    fn entry(tag: &str) -> Entry {
+        Entry::committed(Version::new(EntityTag::strong(tag).unwrap(), SystemTime::now()).unwrap())
+    }
+
+    #[tokio::test]
+    async fn stays_within_capacity_and_never_evicts_a_live_lease() {
+        let store = MemoryStore::with_shards_and_capacity(1, 4);
+        let now = store.clock_millis().await.unwrap();
+        let live = Entry::from_parts(
+            None,
+            Some(Lease::from_parts(LeaseToken::random(), now + 60_000)),
+        )
+        .unwrap();
+        store.compare_and_set("leased", None, Some(&live)).await.unwrap();
+        for i in 0..1000 {
+            store
+                .compare_and_set(&format!("k{i}"), None, Some(&entry("v")))
+                .await
+                .unwrap();
+            assert!(store.len() <= 4);
+        }
+        assert_eq!(store.load("leased").await.unwrap(), Some(live.clone()));
+        // Full of live leases: a new key is refused, not squeezed in.
+        let store = MemoryStore::with_shards_and_capacity(1, 1);
+        store.compare_and_set("leased", None, Some(&live)).await.unwrap();
+        assert!(store.compare_and_set("other", None, Some(&entry("v"))).await.is_err());
+        assert_eq!(store.load("leased").await.unwrap(), Some(live));
+    }
+
+    #[tokio::test]
+    async fn clock_is_monotonic_and_never_zero() {
+        let store = MemoryStore::new();
+        let a = store.clock_millis().await.unwrap();
+        let b = store.clock_millis().await.unwrap();
+        assert!(a >= 1 && b >= a);
     }
 }

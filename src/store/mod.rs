@@ -54,6 +54,13 @@
 //!         }
 //!         Ok(CasOutcome::mismatch_or_replay(current.cloned(), new))
 //!     }
+//!
+//!     async fn clock_millis(&self) -> Result<u64, StoreError> {
+//!         // One process: any monotonic clock will do.
+//!         static ORIGIN: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+//!         let origin = *ORIGIN.get_or_init(std::time::Instant::now);
+//!         Ok(1 + origin.elapsed().as_millis() as u64)
+//!     }
 //! }
 //! ```
 
@@ -90,11 +97,17 @@ pub mod testing;
 /// [`last_modified_ambiguous`](Self::last_modified_ambiguous): its date cannot tell it
 /// apart from its predecessor, so date-based preconditions (`If-Unmodified-Since`,
 /// `If-Modified-Since`) that name that second are evaluated conservatively.
+///
+/// A version is [seeded](Self::is_seeded) when a read gave it to a resource that had
+/// none: it names the representation that read served, but proves nothing about
+/// whether the resource exists (a `200` fallback page is a `200` too), so
+/// `If-None-Match: *` on a write is left to the handler's own conditional insert.
 #[derive(Clone, PartialEq, Eq, Hash, Debug)]
 pub struct Version {
     etag: EntityTag,
     last_modified_secs: u64,
     last_modified_ambiguous: bool,
+    seeded: bool,
 }
 
 impl Version {
@@ -117,7 +130,21 @@ impl Version {
             etag,
             last_modified_secs,
             last_modified_ambiguous: ambiguous,
+            seeded: false,
         })
+    }
+
+    /// This version, marked as [seeded](Self::is_seeded) (or not).
+    #[must_use]
+    pub fn with_seeded(mut self, seeded: bool) -> Self {
+        self.seeded = seeded;
+        self
+    }
+
+    /// Whether a read, not a write, gave this version: the layer knows the tag of what
+    /// was served, not that the resource exists.
+    pub fn is_seeded(&self) -> bool {
+        self.seeded
     }
 
     /// The version that replaces `previous` at time `now`, with tag `etag`.
@@ -204,7 +231,15 @@ impl fmt::Debug for LeaseToken {
     }
 }
 
-/// A write in flight: who holds the resource and until when.
+/// A write in flight: who holds the resource and until when, on the store's clock.
+///
+/// Expiry is in milliseconds of [`AtomicVersionStore::clock_millis`]: every instance of
+/// the app judges a lease by the same clock, the store's, never by its own host's.
+///
+/// A lease whose expiry is `0` is a *release marker*: no write is in flight, but the
+/// entry differs from every entry that was stored before it, so a compare-and-set that
+/// was sent earlier and lands late (a reserve the layer gave up waiting for) cannot
+/// apply over it.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
 pub struct Lease {
     token: LeaseToken,
@@ -212,12 +247,7 @@ pub struct Lease {
 }
 
 impl Lease {
-    /// A lease with `token` that expires at `expires_at` (millisecond resolution).
-    pub fn new(token: LeaseToken, expires_at: SystemTime) -> Self {
-        Self::from_parts(token, unix_millis(expires_at))
-    }
-
-    /// Rebuilds a lease from its stored parts (for store implementations).
+    /// A lease with `token` that expires at `expires_at_millis` on the store's clock.
     pub fn from_parts(token: LeaseToken, expires_at_millis: u64) -> Self {
         Self {
             token,
@@ -225,24 +255,29 @@ impl Lease {
         }
     }
 
+    /// A release marker with `token` (see the type's docs).
+    pub fn released(token: LeaseToken) -> Self {
+        Self::from_parts(token, 0)
+    }
+
+    /// Whether this is a release marker rather than a write in flight.
+    pub fn is_released(&self) -> bool {
+        self.expires_at_millis == 0
+    }
+
     /// The token of the write that holds this lease.
     pub fn token(&self) -> LeaseToken {
         self.token
     }
 
-    /// When the lease expires.
-    pub fn expires_at(&self) -> SystemTime {
-        UNIX_EPOCH + Duration::from_millis(self.expires_at_millis)
-    }
-
-    /// When the lease expires, milliseconds since the Unix epoch.
+    /// When the lease expires, in milliseconds on the store's clock.
     pub fn expires_at_millis(&self) -> u64 {
         self.expires_at_millis
     }
 
-    /// Whether the lease has expired at `now`.
-    pub fn is_expired_at(&self, now: SystemTime) -> bool {
-        unix_millis(now) >= self.expires_at_millis
+    /// Whether a write still holds the resource at `now_millis` on the store's clock.
+    pub fn is_live_at(&self, now_millis: u64) -> bool {
+        !self.is_released() && now_millis < self.expires_at_millis
     }
 }
 
@@ -280,9 +315,22 @@ impl Entry {
         self.version.as_ref()
     }
 
-    /// The lease of the write in flight, if any.
+    /// The lease of the write in flight, if any (or a release marker).
     pub fn lease(&self) -> Option<&Lease> {
         self.lease.as_ref()
+    }
+
+    /// The lease of a write that still holds the resource at `now_millis` (store clock).
+    pub fn live_lease(&self, now_millis: u64) -> Option<&Lease> {
+        self.lease.as_ref().filter(|l| l.is_live_at(now_millis))
+    }
+
+    /// A lease that is neither live nor a release marker: its writer died or stalled
+    /// with the outcome unknown.
+    pub fn expired_lease(&self, now_millis: u64) -> Option<&Lease> {
+        self.lease
+            .as_ref()
+            .filter(|l| !l.is_released() && !l.is_live_at(now_millis))
     }
 
     /// The version, taken out of an entry that is no longer needed (saves a clone).
@@ -415,6 +463,14 @@ pub trait AtomicVersionStore: Send + Sync + 'static {
     /// The entry of `key`, `None` if it has none.
     async fn load(&self, key: &str) -> Result<Option<Entry>, StoreError>;
 
+    /// The store's clock in milliseconds, from any fixed origin: it must never go
+    /// backwards, and every process that shares the store must read the same clock
+    /// (Redis `TIME`, Postgres `clock_timestamp()`, a monotonic clock for a store in one
+    /// process). Leases are stamped and judged by it, so a host whose clock is off or
+    /// steps cannot take over a live lease. The layer samples it now and then and
+    /// extrapolates with its own monotonic clock, erring on the safe side.
+    async fn clock_millis(&self) -> Result<u64, StoreError>;
+
     /// Atomically replaces `expected` by `new` (see the module docs for the contract).
     async fn compare_and_set(
         &self,
@@ -428,6 +484,10 @@ pub trait AtomicVersionStore: Send + Sync + 'static {
 impl<T: AtomicVersionStore + ?Sized> AtomicVersionStore for Arc<T> {
     async fn load(&self, key: &str) -> Result<Option<Entry>, StoreError> {
         (**self).load(key).await
+    }
+
+    async fn clock_millis(&self) -> Result<u64, StoreError> {
+        (**self).clock_millis().await
     }
 
     async fn compare_and_set(

@@ -44,6 +44,26 @@ pub async fn run_contract_suite(store: Arc<dyn AtomicVersionStore>, namespace: &
     keys_are_independent(store, &ns).await;
     concurrent_creates_have_one_winner(store, &format!("{ns}:race")).await;
     concurrent_increments_lose_nothing(store, &format!("{ns}:counter")).await;
+    clock_never_goes_back(store).await;
+}
+
+/// [`clock_millis`](AtomicVersionStore::clock_millis) answers a non-zero time that never
+/// goes backwards, and advances with real time.
+pub async fn clock_never_goes_back(store: &dyn AtomicVersionStore) {
+    let first = store.clock_millis().await.expect("clock");
+    assert!(first > 0, "the store's clock must not read 0 (a lease expiry of 0 is a release marker)");
+    let mut last = first;
+    for _ in 0..20 {
+        let now = store.clock_millis().await.expect("clock");
+        assert!(now >= last, "the store's clock went back from {last} to {now}");
+        last = now;
+    }
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let later = store.clock_millis().await.expect("clock");
+    assert!(
+        later >= first + 40,
+        "the store's clock must advance with time: {first} then {later} after 50 ms"
+    );
 }
 
 /// A committed entry with a strong tag `tag`.
@@ -263,12 +283,20 @@ pub async fn entries_round_trip_exactly(store: &dyn AtomicVersionStore, namespac
                 )
                 .expect("strong"),
             ),
-            Some(Lease::new(
-                LeaseToken::random(),
-                SystemTime::now() + Duration::from_secs(30),
-            )),
+            Some(Lease::from_parts(LeaseToken::random(), 1_700_000_030_000)),
         )
         .expect("entry"),
+        // A seeded version, and a release marker.
+        Entry::from_parts(
+            Some(
+                Version::from_parts(EntityTag::strong("seeded").expect("tag"), 1_700_000_000, false)
+                    .expect("strong")
+                    .with_seeded(true),
+            ),
+            Some(Lease::released(LeaseToken::random())),
+        )
+        .expect("entry"),
+        Entry::from_parts(None, Some(Lease::released(LeaseToken::from_u128(7)))).expect("entry"),
     ];
     for (i, entry) in cases.iter().enumerate() {
         let key = format!("{namespace}:round-trip:{i}");
