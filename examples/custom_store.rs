@@ -43,12 +43,21 @@ use tower_precondition::{
 };
 
 /// The user's backend: string values by key.
-#[derive(Default)]
 struct StringKvStore {
     rows: RwLock<BTreeMap<String, String>>,
+    started: std::time::Instant,
 }
 
-/// Encodes an entry as one line: `<token> <expiry> <secs> <ambiguous> "<tag>"`, with `-`
+impl Default for StringKvStore {
+    fn default() -> Self {
+        Self {
+            rows: RwLock::default(),
+            started: std::time::Instant::now(),
+        }
+    }
+}
+
+/// Encodes an entry as one line: `<token> <expiry> <secs> <ambiguous> <seeded> "<tag>"`, with `-`
 /// for an absent lease or version.
 ///
 /// The encoding is canonical (one entry, one string), so comparing the stored string
@@ -62,12 +71,13 @@ fn encode(entry: &Entry) -> String {
     };
     let version = match entry.version() {
         Some(v) => format!(
-            "{} {} \"{}\"",
+            "{} {} {} \"{}\"",
             v.last_modified_secs(),
             u8::from(v.last_modified_ambiguous()),
+            u8::from(v.is_seeded()),
             v.etag().opaque()
         ),
-        None => "- - -".to_owned(),
+        None => "- - - -".to_owned(),
     };
     format!("{lease} {version}")
 }
@@ -76,9 +86,15 @@ fn encode(entry: &Entry) -> String {
 /// must never act on an entry it cannot read exactly.
 fn decode(line: &str) -> Result<Entry, StoreError> {
     let corrupt = || StoreError::corrupt(format!("not an encoded entry: {line:?}"));
-    let mut fields = line.splitn(5, ' ');
+    let mut fields = line.splitn(6, ' ');
     let mut next = || fields.next().ok_or_else(corrupt);
-    let (token, expiry, secs, ambiguous, tag) = (next()?, next()?, next()?, next()?, next()?);
+    let (token, expiry, secs, ambiguous, seeded, tag) =
+        (next()?, next()?, next()?, next()?, next()?, next()?);
+    let flag = |field: &str| match field {
+        "0" => Ok(false),
+        "1" => Ok(true),
+        _ => Err(corrupt()),
+    };
 
     let lease = match (token, expiry) {
         ("-", "-") => None,
@@ -87,22 +103,18 @@ fn decode(line: &str) -> Result<Entry, StoreError> {
             expiry.parse().map_err(|_| corrupt())?,
         )),
     };
-    let version = match (secs, ambiguous, tag) {
-        ("-", "-", "-") => None,
-        (secs, ambiguous, tag) => {
+    let version = match (secs, ambiguous, seeded, tag) {
+        ("-", "-", "-", "-") => None,
+        (secs, ambiguous, seeded, tag) => {
             let opaque = tag
                 .strip_prefix('"')
                 .and_then(|t| t.strip_suffix('"'))
                 .ok_or_else(corrupt)?;
             let etag = EntityTag::strong(opaque).map_err(|_| corrupt())?;
-            let ambiguous = match ambiguous {
-                "0" => false,
-                "1" => true,
-                _ => return Err(corrupt()),
-            };
             Some(
-                Version::from_parts(etag, secs.parse().map_err(|_| corrupt())?, ambiguous)
-                    .ok_or_else(corrupt)?,
+                Version::from_parts(etag, secs.parse().map_err(|_| corrupt())?, flag(ambiguous)?)
+                    .ok_or_else(corrupt)?
+                    .with_seeded(flag(seeded)?),
             )
         }
     };
@@ -146,6 +158,12 @@ impl AtomicVersionStore for StringKvStore {
         // (a replay of a write that went through), which counts as applied.
         let current = stored.map(|line| decode(line)).transpose()?;
         Ok(CasOutcome::mismatch_or_replay(current, new))
+    }
+
+    async fn clock_millis(&self) -> Result<u64, StoreError> {
+        // Leases are judged by this clock. One process: its monotonic clock will do
+        // (a store shared by processes answers with the server's clock instead).
+        Ok(1 + u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX - 1))
     }
 }
 

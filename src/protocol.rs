@@ -268,11 +268,18 @@ impl Drop for WriteGuard {
             OnDrop::Unknown => Settlement::Unknown,
         };
         let outcome_name = settlement.name();
-        let new = self.new_entry(settlement);
-        // Fencing an unanswered reserve: an entry no earlier call can expect.
-        let fence = (on_drop == OnDrop::Unreserve)
-            .then(|| Entry::from_parts(self.replacing.clone(), Some(Lease::released(self.token()))))
-            .flatten();
+        // An unanswered reserve is undone into a *fence*: the old version with a release
+        // marker, an entry no earlier call can expect. A plain release would equal the
+        // entry before the reserve, so a release landing first would pass for a replay
+        // and a reserve landing after it would leave a lease nobody owns.
+        let fence = (on_drop == OnDrop::Unreserve).then(|| {
+            Entry::from_parts(self.replacing.clone(), Some(Lease::released(self.token())))
+        });
+        let new = match &fence {
+            Some(fence) => fence.clone(),
+            None => self.new_entry(settlement),
+        };
+        let fence = fence.flatten();
         let store = self.store.clone();
         let key = self.key.clone();
         let reserved = self.reserved.clone();

@@ -401,6 +401,10 @@ impl AtomicVersionStore for LateReserveStore {
         self.inner.load(key).await
     }
 
+    async fn clock_millis(&self) -> Result<u64, StoreError> {
+        self.inner.clock_millis().await
+    }
+
     async fn compare_and_set(
         &self,
         key: &str,
