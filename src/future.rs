@@ -3,7 +3,7 @@
 //!
 //! ```text
 //! read:   Loading (takeover, seed) ──> Reading ──> (Finishing: undo a seed, adopt a tag) ──> response
-//! write:  Reserving ──> Writing (with deadline) ──> Finishing (settle) ──> response
+//! write:  Preparing (access, body, reserve) ──> Writing (with deadline) ──> Finishing (settle) ──> response
 //! either: Ready (a response the layer wrote) | Passthrough (not ours to version)
 //! ```
 //!
@@ -29,7 +29,7 @@ use crate::{
     evaluate::{evaluate, Decision, Preconditions},
     layer::Config,
     protocol::{self, ReadStart, Settled, Settlement, WriteGuard},
-    response::{not_modified, remove_validators, set_validators, Problem},
+    response::{not_modified, remove_validators, set_validators, Early, Problem},
     store::{Entry, StoreError, Version},
 };
 
@@ -58,15 +58,14 @@ pin_project! {
         Ready { response: Option<Response<ResponseBody<ResBody>>> },
         Passthrough { #[pin] future: S::Future },
         Loading {
-            load: BoxFuture<Result<ReadStart, StoreError>>,
+            load: BoxFuture<Result<Result<ReadStart, StoreError>, Early>>,
             inner: Option<S>,
             request: Option<Request<ReqBody>>,
         },
         Reading { #[pin] future: S::Future, read: Option<ReadState> },
-        Reserving {
-            reserve: BoxFuture<Result<WriteGuard, Problem>>,
+        Preparing {
+            prepare: BoxFuture<Result<(Request<ReqBody>, WriteGuard), Early>>,
             inner: Option<S>,
-            request: Option<Request<ReqBody>>,
         },
         Writing { #[pin] future: S::Future, #[pin] deadline: Sleep },
         Finishing { finish: BoxFuture<Output<ResBody, S::Error>> },
@@ -123,7 +122,7 @@ where
     }
 
     pub(crate) fn read(
-        load: BoxFuture<Result<ReadStart, StoreError>>,
+        load: BoxFuture<Result<Result<ReadStart, StoreError>, Early>>,
         inner: S,
         request: Request<ReqBody>,
         config: Arc<Config>,
@@ -147,18 +146,18 @@ where
         )
     }
 
+    /// A write: `prepare` (the access check, the request body, the reserve) hands back
+    /// the request to run and its reservation.
     pub(crate) fn write(
-        reserve: BoxFuture<Result<WriteGuard, Problem>>,
+        prepare: BoxFuture<Result<(Request<ReqBody>, WriteGuard), Early>>,
         inner: S,
-        request: Request<ReqBody>,
         config: Arc<Config>,
         key: Arc<str>,
         method: Method,
     ) -> Self {
-        let state = State::Reserving {
-            reserve,
+        let state = State::Preparing {
+            prepare,
             inner: Some(inner),
-            request: Some(request),
         };
         // The preconditions were evaluated by the reserve, which owns them; nothing
         // after it reads them.
@@ -203,7 +202,15 @@ where
                     inner,
                     request,
                 } => {
-                    let loaded = ready!(load.as_mut().poll(cx));
+                    let loaded = match ready!(load.as_mut().poll(cx)) {
+                        Ok(loaded) => loaded,
+                        Err(early) => {
+                            this.state.set(State::Ready {
+                                response: Some(early.into_response()),
+                            });
+                            continue;
+                        }
+                    };
                     let ctx = this.ctx.as_deref().expect("read context");
                     let (mut inner, request) = take_pair(inner, request);
                     match read_step(ctx, loaded) {
@@ -223,15 +230,11 @@ where
                     finish_read(*ctx, read, response)
                 }
 
-                StateProj::Reserving {
-                    reserve,
-                    inner,
-                    request,
-                } => {
-                    let reserved = ready!(reserve.as_mut().poll(cx));
-                    let (mut inner, mut request) = take_pair(inner, request);
-                    match reserved {
-                        Ok(mut guard) => {
+                StateProj::Preparing { prepare, inner } => {
+                    let prepared = ready!(prepare.as_mut().poll(cx));
+                    match prepared {
+                        Ok((mut request, mut guard)) => {
+                            let mut inner = inner.take().expect("inner service taken once");
                             // Judged by the store's clock, so that no host's clock can
                             // push the handler past its lease.
                             let deadline = guard.deadline();
@@ -243,8 +246,8 @@ where
                                 deadline: tokio::time::sleep_until(deadline),
                             }
                         }
-                        Err(problem) => State::Ready {
-                            response: Some(problem.into_response()),
+                        Err(early) => State::Ready {
+                            response: Some(early.into_response()),
                         },
                     }
                 }
@@ -394,7 +397,9 @@ where
                     }
                 }
                 _ => {
-                    let version = entry.into_version().expect("a versioned read has a version");
+                    let version = entry
+                        .into_version()
+                        .expect("a versioned read has a version");
                     ready(answer_read(&ctx, response, decision, version))
                 }
             }
@@ -419,7 +424,10 @@ fn answer_read<B>(
             into_not_modified(response, &version)
         }
         Decision::PreconditionFailed => {
-            tracing::info!(key = &*ctx.key, "precondition failed on a read (412, handler ran)");
+            tracing::info!(
+                key = &*ctx.key,
+                "precondition failed on a read (412, handler ran)"
+            );
             Problem::precondition_failed(Some(version), &ctx.pre, ctx.config.validators_on_412)
                 .into_response()
         }

@@ -6,6 +6,7 @@ use http::{request::Parts, Method};
 use tower_layer::Layer;
 
 use crate::{
+    access::{access_fn, AccessFn},
     admission::{self, KeyFn},
     clock::StoreClock,
     service::PreconditionService,
@@ -26,6 +27,7 @@ pub(crate) struct Config {
     pub(crate) retry_after: Duration,
     pub(crate) max_reserve_attempts: u32,
     pub(crate) validators_on_412: bool,
+    pub(crate) access: Option<Arc<AccessFn>>,
     /// This layer's reading of the store's clock (leases are judged by it).
     pub(crate) clock: Arc<StoreClock>,
 }
@@ -83,7 +85,9 @@ impl PreconditionLayer {
     /// | lease | 30 s |
     /// | handler deadline | 25 s (always at most 80% of the lease) |
     /// | store timeout | 2 s |
-    /// | matching reads answered `304` without running the handler | yes |
+    /// | matching reads answered `304` / `412` without running the handler | no: the handler decides first |
+    /// | access check before preconditions ([`authorize`](Self::authorize)) | none |
+    /// | current validators on a `412` | yes |
     /// | `Retry-After` on `409` / `503` | 1 s |
     pub fn new<S: AtomicVersionStore>(store: S) -> Self {
         Self::from_arc(Arc::new(store))
@@ -100,10 +104,11 @@ impl PreconditionLayer {
                 lease: Duration::from_secs(30),
                 handler_timeout: Duration::from_secs(25),
                 store_timeout: Duration::from_secs(2),
-                short_circuit_reads: true,
+                short_circuit_reads: false,
                 retry_after: Duration::from_secs(1),
                 max_reserve_attempts: 4,
                 validators_on_412: true,
+                access: None,
                 clock: Arc::default(),
             },
         }
@@ -171,10 +176,20 @@ impl PreconditionLayer {
         self
     }
 
-    /// Whether a read whose `If-None-Match` / `If-Modified-Since` matches is answered
-    /// `304` without running the handler (the default). Turn it off when handlers set
-    /// headers a `304` must repeat (`Cache-Control`, `Vary`, `Expires`,
-    /// `Content-Location`): the handler then runs and its `2xx` becomes the `304`.
+    /// Whether a read whose preconditions decide it (`304`, or `412` for an `If-Match`
+    /// on a `GET`) is answered without running the handler. Off by default: the handler
+    /// runs, and only its `2xx` becomes the `304` / `412`, so that
+    ///
+    /// * a request the application answers `401` / `403` / `404` learns nothing from a
+    ///   precondition (RFC 9110 section 13.2.1), and
+    /// * a `304` carries the headers the handler's `200` would (`Cache-Control`,
+    ///   `Vary`, `Expires`, `Content-Location`: RFC 9110 section 15.4.5).
+    ///
+    /// Turn it on to save the handler's work on revalidations, when every versioned
+    /// resource is public or an [`authorize`](Self::authorize) check decides access,
+    /// and the handler sets none of those headers (a short-circuited `304` carries the
+    /// validators only). A read that gives a resource its first version always runs the
+    /// handler.
     pub fn short_circuit_reads(mut self, short_circuit: bool) -> Self {
         self.config.short_circuit_reads = short_circuit;
         self
@@ -186,6 +201,50 @@ impl PreconditionLayer {
     /// whoever can send the request learns the current tag.
     pub fn validators_on_412(mut self, include: bool) -> Self {
         self.config.validators_on_412 = include;
+        self
+    }
+
+    /// The application's own access decision, made **before** any precondition is
+    /// answered, as RFC 9110 section 13.2.1 requires: a request the application would
+    /// answer `401`, `403`, `404` or `405` must not learn from a `304` or a `412` that
+    /// the resource exists, nor its current `ETag`.
+    ///
+    /// `check` gets the request head and answers `Ok(())` to go on, or the response to
+    /// send instead (served as it is, without validators; the store is not touched). It
+    /// runs for every read and write the layer versions. Authentication that applies to
+    /// whole routes is better placed outside the layer (an auth middleware around it);
+    /// this hook is for what depends on the resource: "is this item the caller's", "does
+    /// this item exist".
+    ///
+    /// ```
+    /// use axum::{body::Bytes, http::{Response, StatusCode}, routing::get, Router};
+    /// use tower_precondition::{MemoryStore, PreconditionLayer};
+    ///
+    /// let layer = PreconditionLayer::new(MemoryStore::new()).authorize(|parts| {
+    ///     // Decide from what the request names; clone what the future needs.
+    ///     let allowed = parts.headers.get("x-user").is_some_and(|u| u == "alice");
+    ///     async move {
+    ///         if allowed {
+    ///             Ok(())
+    ///         } else {
+    ///             let mut refusal = Response::new(Bytes::from_static(b"not found"));
+    ///             *refusal.status_mut() = StatusCode::NOT_FOUND;
+    ///             Err(refusal)
+    ///         }
+    ///     }
+    /// });
+    /// let app: Router = Router::new()
+    ///     .route("/items/{id}", get(|| async { "item" }))
+    ///     .route_layer(layer);
+    /// # let _ = app;
+    /// ```
+    pub fn authorize<F, Fut>(mut self, check: F) -> Self
+    where
+        F: Fn(&Parts) -> Fut + Send + Sync + 'static,
+        Fut:
+            std::future::Future<Output = Result<(), http::Response<bytes::Bytes>>> + Send + 'static,
+    {
+        self.config.access = Some(access_fn(check));
         self
     }
 

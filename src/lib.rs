@@ -87,6 +87,7 @@
 #![deny(missing_docs, unreachable_pub, unsafe_code)]
 #![warn(rust_2018_idioms, missing_debug_implementations)]
 
+mod access;
 mod admission;
 mod body;
 mod clock;

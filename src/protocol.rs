@@ -401,7 +401,10 @@ where
 /// lease. The writer of an expired lease may have written before it died, so every old
 /// tag must fail from then on: the base is then a fresh version, or no version at all
 /// for a resource that had none (a crashed create proves nothing about existence).
-pub(crate) fn write_base(entry: Option<&Entry>, now_millis: u64) -> Option<(Option<Version>, bool)> {
+pub(crate) fn write_base(
+    entry: Option<&Entry>,
+    now_millis: u64,
+) -> Option<(Option<Version>, bool)> {
     let Some(entry) = entry else {
         return Some((None, false));
     };
@@ -473,7 +476,11 @@ pub(crate) async fn reserve(
                 }
             }
             tracing::info!(key = &*key, current = ?base.as_ref().map(Version::etag), "precondition failed (412)");
-            return Err(Problem::precondition_failed(base, &pre, config.validators_on_412));
+            return Err(Problem::precondition_failed(
+                base,
+                &pre,
+                config.validators_on_412,
+            ));
         }
 
         let expires = now_millis.saturating_add(millis(config.lease));
@@ -587,7 +594,10 @@ pub(crate) async fn load_for_read(config: &Config, key: &str) -> Result<ReadStar
             _ => Version::new(fresh_etag(), SystemTime::now())
                 .map(|v| Entry::committed(v.with_seeded(true))),
         };
-        let seeding = next.as_ref().and_then(Entry::version).is_some_and(Version::is_seeded)
+        let seeding = next
+            .as_ref()
+            .and_then(Entry::version)
+            .is_some_and(Version::is_seeded)
             && current.as_ref().and_then(Entry::version).is_none();
         let outcome = store_call(
             config.store_timeout,
@@ -642,7 +652,8 @@ pub(crate) async fn adopt_handler_tag(
     etag: EntityTag,
 ) -> Option<Version> {
     let old = entry.version()?;
-    let adopted = Version::successor(Some(old), etag, SystemTime::now())?.with_seeded(old.is_seeded());
+    let adopted =
+        Version::successor(Some(old), etag, SystemTime::now())?.with_seeded(old.is_seeded());
     let new = Entry::committed(adopted.clone());
     let result = store_call(
         config.store_timeout,

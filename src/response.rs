@@ -87,6 +87,32 @@ pub(crate) fn not_modified<B>(version: &Version) -> Response<ResponseBody<B>> {
     response
 }
 
+/// An answer given before the handler runs: the layer's own problem, or the
+/// application's refusal from its access check.
+pub(crate) enum Early {
+    Problem(Problem),
+    Refused(Response<Bytes>),
+}
+
+impl Early {
+    pub(crate) fn into_response<B>(self) -> Response<ResponseBody<B>> {
+        match self {
+            Early::Problem(problem) => problem.into_response(),
+            Early::Refused(mut response) => {
+                // The application's own refusal: it never carries our validators.
+                remove_validators(response.headers_mut());
+                response.map(ResponseBody::full)
+            }
+        }
+    }
+}
+
+impl From<Problem> for Early {
+    fn from(problem: Problem) -> Self {
+        Early::Problem(problem)
+    }
+}
+
 /// A problem the layer reports.
 pub(crate) struct Problem {
     status: StatusCode,
@@ -294,7 +320,10 @@ impl Problem {
 
 /// Which precondition failed, as a stable code and a detail for the client. Follows
 /// the evaluation order of RFC 9110 section 13.2.2, as `evaluate` does.
-fn failed_precondition(current: Option<&Version>, pre: &Preconditions) -> (&'static str, &'static str) {
+fn failed_precondition(
+    current: Option<&Version>,
+    pre: &Preconditions,
+) -> (&'static str, &'static str) {
     if let Some(if_match) = &pre.if_match {
         if !current.is_some_and(|v| if_match.strong_match(v.etag())) {
             return match if_match {

@@ -9,11 +9,13 @@ use http::{Request, Response};
 use tower_service::Service;
 
 use crate::{
+    access,
     admission::{admit, Admission},
     body::ResponseBody,
     future::ResponseFuture,
     layer::Config,
     protocol,
+    response::Early,
 };
 
 /// The middleware built by [`PreconditionLayer`](crate::PreconditionLayer).
@@ -56,6 +58,7 @@ impl<S, ReqBody, ResBody> Service<Request<ReqBody>> for PreconditionService<S>
 where
     S: Service<Request<ReqBody>, Response = Response<ResBody>> + Clone,
     S::Error: Send + 'static,
+    ReqBody: Send + 'static,
     ResBody: Send + 'static,
 {
     type Response = Response<ResponseBody<ResBody>>;
@@ -87,6 +90,10 @@ where
             } => (request, key, pre, read),
         };
         let method = request.method().clone();
+        // The application decides access and existence first (RFC 9110 section 13.2.1).
+        let (parts, body) = request.into_parts();
+        let check = access::start(self.config.access.as_ref(), &parts);
+        let request = Request::from_parts(parts, body);
 
         // The inner service we were driven ready: keep it for after the store step,
         // leave a clone in its place (tower's readiness contract).
@@ -97,12 +104,28 @@ where
             let load = {
                 let config = config.clone();
                 let key = key.clone();
-                async move { protocol::load_for_read(&config, &key).await }
+                async move {
+                    if let Some(check) = check {
+                        check.await.map_err(Early::Refused)?;
+                    }
+                    Ok(protocol::load_for_read(&config, &key).await)
+                }
             };
             ResponseFuture::read(Box::pin(load), inner, request, config, key, method, pre)
         } else {
-            let reserve = protocol::reserve(config.clone(), key.clone(), method.clone(), pre);
-            ResponseFuture::write(Box::pin(reserve), inner, request, config, key, method)
+            let prepare = {
+                let config = config.clone();
+                let key = key.clone();
+                let method = method.clone();
+                async move {
+                    if let Some(check) = check {
+                        check.await.map_err(Early::Refused)?;
+                    }
+                    let guard = protocol::reserve(config, key, method, pre).await?;
+                    Ok((request, guard))
+                }
+            };
+            ResponseFuture::write(Box::pin(prepare), inner, config, key, method)
         }
     }
 }

@@ -168,7 +168,13 @@ async fn finding_7_2_a_seed_cannot_make_a_create_fail_forever() {
     let (app, _) = app_with(PreconditionLayer::new(MemoryStore::new()));
     let seeded_again = get_etag(&app, "/items/x").await;
     assert_ne!(seeded_again, seeded);
-    let r = send(&app, Method::PUT, "/items/x", &[("if-match", &seeded_again)]).await;
+    let r = send(
+        &app,
+        Method::PUT,
+        "/items/x",
+        &[("if-match", &seeded_again)],
+    )
+    .await;
     assert_eq!(r.status, StatusCode::OK);
 }
 
@@ -177,11 +183,21 @@ async fn finding_7_2_a_404_read_leaves_nothing_in_the_store() {
     let store = Arc::new(MemoryStore::new());
     let (app, _) = app_with(PreconditionLayer::from_arc(store.clone()));
     for i in 0..200 {
-        let r = send(&app, Method::GET, &format!("/items/r{i}"), &[("x-status", "404")]).await;
+        let r = send(
+            &app,
+            Method::GET,
+            &format!("/items/r{i}"),
+            &[("x-status", "404")],
+        )
+        .await;
         assert_eq!(r.status, StatusCode::NOT_FOUND);
         assert!(r.etag().is_none());
     }
-    assert_eq!(store.len(), 0, "a read the handler answered 404 must leave no entry");
+    assert_eq!(
+        store.len(),
+        0,
+        "a read the handler answered 404 must leave no entry"
+    );
 }
 
 // ---------------------------------------------------------------------------------
@@ -215,7 +231,11 @@ async fn finding_7_3_a_write_that_outlived_its_lease_never_gets_a_plain_2xx() {
     // Writer B arrives once A's lease expired and takes it over.
     tokio::time::sleep(Duration::from_millis(500)).await;
     let taker = send(&app, Method::PUT, "/items/1", &[]).await;
-    assert_eq!(taker.status, StatusCode::OK, "the expired lease is taken over");
+    assert_eq!(
+        taker.status,
+        StatusCode::OK,
+        "the expired lease is taken over"
+    );
     let taker_tag = taker.etag().expect("2xx has an ETag").to_owned();
 
     let slow = slow.await.unwrap();
@@ -255,7 +275,11 @@ async fn finding_7_3_leases_are_judged_by_the_stores_clock_not_the_hosts() {
         CasOutcome::Applied
     );
     let r = send(&app, Method::PUT, "/items/1", &[("if-match", &old)]).await;
-    assert_eq!(r.status, StatusCode::CONFLICT, "a live lease is never taken over");
+    assert_eq!(
+        r.status,
+        StatusCode::CONFLICT,
+        "a live lease is never taken over"
+    );
     assert_eq!(shared.writes.load(Ordering::SeqCst), 0);
     // Reads are served from the committed version meanwhile.
     assert_eq!(get_etag(&app, "/items/1").await, old);
@@ -283,7 +307,13 @@ async fn finding_7_5_validators_go_on_2xx_writes_only() {
     }
     // A 5xx still invalidated the old tag (invariant 3).
     let old = get_etag(&app, "/items/2").await;
-    send(&app, Method::PUT, "/items/2", &[("if-match", &old), ("x-status", "500")]).await;
+    send(
+        &app,
+        Method::PUT,
+        "/items/2",
+        &[("if-match", &old), ("x-status", "500")],
+    )
+    .await;
     let r = send(&app, Method::PUT, "/items/2", &[("if-match", &old)]).await;
     assert_eq!(r.status, StatusCode::PRECONDITION_FAILED);
 }
@@ -300,7 +330,11 @@ async fn finding_7_7_a_read_moves_the_store_to_the_handlers_own_etag() {
     // The data changes by a path the layer does not see: the handler now says h2.
     let r = send(&app, Method::GET, "/items/1", &[("x-etag", "\"h2\"")]).await;
     assert_eq!(r.status, StatusCode::OK);
-    assert_eq!(r.etag(), Some("\"h2\""), "the ETag must describe the body it travels with");
+    assert_eq!(
+        r.etag(),
+        Some("\"h2\""),
+        "the ETag must describe the body it travels with"
+    );
     // The old tag no longer matches, for reads or writes.
     let r = send(
         &app,
@@ -309,7 +343,11 @@ async fn finding_7_7_a_read_moves_the_store_to_the_handlers_own_etag() {
         &[("if-none-match", "\"h1\""), ("x-etag", "\"h2\"")],
     )
     .await;
-    assert_eq!(r.status, StatusCode::OK, "no 304 for a tag that is not current");
+    assert_eq!(
+        r.status,
+        StatusCode::OK,
+        "no 304 for a tag that is not current"
+    );
     let r = send(&app, Method::PUT, "/items/1", &[("if-match", "\"h1\"")]).await;
     assert_eq!(r.status, StatusCode::PRECONDITION_FAILED);
     let r = send(&app, Method::PUT, "/items/1", &[("if-match", "\"h2\"")]).await;
@@ -397,7 +435,8 @@ async fn finding_7_9_taking_over_a_crashed_create_invents_no_version() {
     let store = Arc::new(MemoryStore::new());
     let (app, shared) = app_with(PreconditionLayer::from_arc(store.clone()));
     // A create crashed mid-write: a lease with no version, expired.
-    let crashed = Entry::from_parts(None, Some(Lease::from_parts(LeaseToken::random(), 1))).unwrap();
+    let crashed =
+        Entry::from_parts(None, Some(Lease::from_parts(LeaseToken::random(), 1))).unwrap();
     store
         .compare_and_set("/items/c", None, Some(&crashed))
         .await

@@ -49,7 +49,6 @@ pub struct MemoryStore {
     origin: Instant,
 }
 
-
 impl Default for MemoryStore {
     fn default() -> Self {
         Self::new()
@@ -201,7 +200,10 @@ mod tests {
             Some(Lease::from_parts(LeaseToken::random(), now + 60_000)),
         )
         .unwrap();
-        store.compare_and_set("leased", None, Some(&live)).await.unwrap();
+        store
+            .compare_and_set("leased", None, Some(&live))
+            .await
+            .unwrap();
         for i in 0..1000 {
             store
                 .compare_and_set(&format!("k{i}"), None, Some(&entry("v")))
@@ -212,8 +214,14 @@ mod tests {
         assert_eq!(store.load("leased").await.unwrap(), Some(live.clone()));
         // Full of live leases: a new key is refused, not squeezed in.
         let store = MemoryStore::with_shards_and_capacity(1, 1);
-        store.compare_and_set("leased", None, Some(&live)).await.unwrap();
-        assert!(store.compare_and_set("other", None, Some(&entry("v"))).await.is_err());
+        store
+            .compare_and_set("leased", None, Some(&live))
+            .await
+            .unwrap();
+        assert!(store
+            .compare_and_set("other", None, Some(&entry("v")))
+            .await
+            .is_err());
         assert_eq!(store.load("leased").await.unwrap(), Some(live));
     }
 

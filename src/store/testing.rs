@@ -51,11 +51,17 @@ pub async fn run_contract_suite(store: Arc<dyn AtomicVersionStore>, namespace: &
 /// goes backwards, and advances with real time.
 pub async fn clock_never_goes_back(store: &dyn AtomicVersionStore) {
     let first = store.clock_millis().await.expect("clock");
-    assert!(first > 0, "the store's clock must not read 0 (a lease expiry of 0 is a release marker)");
+    assert!(
+        first > 0,
+        "the store's clock must not read 0 (a lease expiry of 0 is a release marker)"
+    );
     let mut last = first;
     for _ in 0..20 {
         let now = store.clock_millis().await.expect("clock");
-        assert!(now >= last, "the store's clock went back from {last} to {now}");
+        assert!(
+            now >= last,
+            "the store's clock went back from {last} to {now}"
+        );
         last = now;
     }
     tokio::time::sleep(Duration::from_millis(50)).await;
@@ -289,9 +295,13 @@ pub async fn entries_round_trip_exactly(store: &dyn AtomicVersionStore, namespac
         // A seeded version, and a release marker.
         Entry::from_parts(
             Some(
-                Version::from_parts(EntityTag::strong("seeded").expect("tag"), 1_700_000_000, false)
-                    .expect("strong")
-                    .with_seeded(true),
+                Version::from_parts(
+                    EntityTag::strong("seeded").expect("tag"),
+                    1_700_000_000,
+                    false,
+                )
+                .expect("strong")
+                .with_seeded(true),
             ),
             Some(Lease::released(LeaseToken::random())),
         )

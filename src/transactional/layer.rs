@@ -121,7 +121,7 @@ impl PgTransactionalLayer {
                 statement_timeout: Duration::from_secs(10),
                 lock_timeout: Duration::from_secs(5),
                 store_timeout: Duration::from_secs(2),
-                short_circuit_reads: true,
+                short_circuit_reads: false,
                 retry_after: Duration::from_secs(1),
                 begin_sql: String::new(),
             },
