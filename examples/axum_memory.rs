@@ -16,6 +16,10 @@
 //! (only if it does not exist yet); a stale one gets `412` with the current `ETag`.
 //! With `REQUIRE_PRECONDITIONS=1`, a write without a precondition gets `428`.
 //!
+//! An item with an `"owner"` field is private: only `Authorization: Bearer <owner>` sees
+//! or changes it; anyone else gets `404`, for reads and writes alike, before any
+//! precondition is looked at (no `304`, no `412`, no `ETag` to give it away).
+//!
 //! ```text
 //! curl -i -X PUT localhost:3000/items/1 -d '{"name":"lamp","stock":3}'
 //! curl -i localhost:3000/items/1                                      # ETag: "…"
@@ -190,10 +194,47 @@ async fn delete_item(Path(id): Path<String>, State(items): State<Items>) -> Resp
     }
 }
 
+/// Who is asking: `Authorization: Bearer <name>`, or nobody.
+fn caller(headers: &HeaderMap) -> Option<&str> {
+    headers
+        .get(header::AUTHORIZATION)?
+        .to_str()
+        .ok()?
+        .strip_prefix("Bearer ")
+}
+
+/// Whether `caller` may see item `id`: an item with an `"owner"` field is its owner's
+/// alone; anyone else is told it does not exist.
+fn visible(items: &Items, id: &str, caller: Option<&str>) -> bool {
+    let items = items.read().unwrap_or_else(PoisonError::into_inner);
+    match items.get(id).and_then(|item| item.get("owner")) {
+        Some(owner) => caller.is_some_and(|caller| owner.as_str() == Some(caller)),
+        None => true,
+    }
+}
+
 /// The application: the routes, wrapped in the precondition layer.
 fn app(require_preconditions: bool) -> Router {
-    let layer =
-        PreconditionLayer::new(MemoryStore::new()).require_precondition(require_preconditions);
+    let items = Items::default();
+    let layer = PreconditionLayer::new(MemoryStore::new())
+        .require_precondition(require_preconditions)
+        // The application decides who may see an item before any precondition is
+        // answered: a stranger gets the 404 of a missing item, never a 304 or a 412
+        // that would tell them it exists (and its current ETag).
+        .authorize({
+            let items = items.clone();
+            move |parts| {
+                let id = parts.uri.path().strip_prefix("/items/").unwrap_or_default();
+                let allowed = visible(&items, id, caller(&parts.headers));
+                let refusal = (!allowed).then(|| not_found(id));
+                async move {
+                    match refusal {
+                        None => Ok(()),
+                        Some(response) => Err(into_bytes_response(response).await),
+                    }
+                }
+            }
+        });
     Router::new()
         .route(
             "/items/{id}",
@@ -202,10 +243,20 @@ fn app(require_preconditions: bool) -> Router {
                 .patch(patch_item)
                 .delete(delete_item),
         )
-        .with_state(Items::default())
-        // The resource key is the request path (the default), so each item is
-        // versioned on its own.
-        .layer(layer)
+        .with_state(items)
+        // `route_layer`: only matched routes are versioned (an unknown path is a plain
+        // 404, and never gets a version). The key is the canonical request path (the
+        // default), so each item is versioned on its own.
+        .route_layer(layer)
+}
+
+/// An axum response with its body collected, as the access check hands it back.
+async fn into_bytes_response(response: Response) -> axum::http::Response<Bytes> {
+    let (parts, body) = response.into_parts();
+    let bytes = axum::body::to_bytes(body, 64 * 1024)
+        .await
+        .unwrap_or_default();
+    axum::http::Response::from_parts(parts, bytes)
 }
 
 #[tokio::main]
