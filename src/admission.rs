@@ -8,15 +8,79 @@ use http::{request::Parts, Method, Request};
 
 use crate::{
     evaluate::{is_read, Preconditions},
+    key,
     response::Problem,
 };
 
 /// How a layer derives the resource key from a request; `None` passes it through.
 pub(crate) type KeyFn = dyn Fn(&Parts) -> Option<String> + Send + Sync;
 
-/// The default key: the request path.
+/// The default key: the canonical request path ([`key::canonical_path_key`]).
 pub(crate) fn path_key() -> Arc<KeyFn> {
-    Arc::new(|parts: &Parts| Some(parts.uri.path().to_owned()))
+    Arc::new(key::canonical_path_key)
+}
+
+/// Which writes a layer accepts without a precondition, and which preconditions count.
+///
+/// Set with `precondition_policy` on [`PreconditionLayer`](crate::PreconditionLayer)
+/// and [`PgTransactionalLayer`](crate::PgTransactionalLayer);
+/// `require_precondition(true)` is a shorthand for [`Required`](Self::Required).
+/// A refused write gets `428 Precondition Required` (RFC 6585) with a problem body that
+/// says what to send.
+///
+/// An `If-Unmodified-Since` that is not a valid HTTP-date (or sent on more than one
+/// field line) is ignored, as RFC 9110 section 13.1.4 requires, so it counts as absent
+/// here: such a write is refused under [`Required`](Self::Required) unless another
+/// precondition guards it.
+///
+/// ```
+/// use tower_precondition::{MemoryStore, PreconditionLayer, PreconditionPolicy};
+///
+/// // Only `If-Match: "<etag>"` (update) or `If-None-Match: *` (create) let a write in.
+/// let layer = PreconditionLayer::new(MemoryStore::new())
+///     .precondition_policy(PreconditionPolicy::Strict);
+/// # let _ = layer;
+/// ```
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum PreconditionPolicy {
+    /// Unconditional writes are allowed (the default).
+    #[default]
+    Optional,
+    /// A write needs `If-Match`, `If-None-Match` or a valid `If-Unmodified-Since`.
+    ///
+    /// Easy to satisfy: `If-None-Match: "x"` (any tag the resource does not have) or an
+    /// `If-Unmodified-Since` in the future passes for any current version, so this
+    /// catches forgetful clients, not careless ones. Use [`Strict`](Self::Strict) to
+    /// make every accepted write name the version it replaces.
+    Required,
+    /// A write needs `If-Match` with one or more entity tags (an update of a version
+    /// the client has seen) or `If-None-Match: *` (a create of a resource that must not
+    /// exist yet). `If-Match: *`, `If-None-Match` with tags and `If-Unmodified-Since`
+    /// alone are refused: each can pass without the client knowing the current version.
+    Strict,
+}
+
+impl PreconditionPolicy {
+    /// Whether a write with preconditions `pre` is let through.
+    pub(crate) fn admits(self, pre: &Preconditions) -> bool {
+        match self {
+            Self::Optional => true,
+            Self::Required => pre.guards_write(),
+            Self::Strict => pre.guards_write_strictly(),
+        }
+    }
+}
+
+impl From<bool> for PreconditionPolicy {
+    /// `true` is [`Required`](Self::Required), `false` [`Optional`](Self::Optional).
+    fn from(require: bool) -> Self {
+        if require {
+            Self::Required
+        } else {
+            Self::Optional
+        }
+    }
 }
 
 /// The configured write methods, without `GET` and `HEAD` (always reads).
@@ -47,7 +111,7 @@ pub(crate) fn admit<B>(
     request: Request<B>,
     key_fn: &KeyFn,
     write_methods: &[Method],
-    require_precondition: bool,
+    policy: PreconditionPolicy,
 ) -> Admission<B> {
     let read = is_read(request.method());
     if !read && !write_methods.contains(request.method()) {
@@ -59,7 +123,8 @@ pub(crate) fn admit<B>(
     let Some(key) = key else {
         return Admission::Pass(request);
     };
-    let key: Arc<str> = key.into();
+    // Bounded here, once for every store and both layers, so all see one key.
+    let key: Arc<str> = key::bounded_key(key).into();
     let method = request.method();
 
     let pre = match Preconditions::from_headers(request.headers()) {
@@ -69,9 +134,12 @@ pub(crate) fn admit<B>(
             return Admission::Refuse(Problem::bad_request(error.to_string()));
         }
     };
-    if !read && require_precondition && !pre.guards_write() {
-        tracing::info!(key = &*key, %method, "unconditional write refused (428)");
-        return Admission::Refuse(Problem::precondition_required(method));
+    if !read && !policy.admits(&pre) {
+        tracing::info!(key = &*key, %method, ?policy, "write without an accepted precondition refused (428)");
+        return Admission::Refuse(Problem::precondition_required(
+            method,
+            policy == PreconditionPolicy::Strict,
+        ));
     }
     Admission::Versioned {
         request,

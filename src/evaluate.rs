@@ -89,6 +89,24 @@ impl Preconditions {
             || self.if_unmodified_since.is_some()
     }
 
+    /// Whether a precondition that names the version a write replaces is present:
+    /// `If-Match` with entity tags, or `If-None-Match: *` (the resource must not
+    /// exist). The test of [`PreconditionPolicy::Strict`](crate::PreconditionPolicy::Strict).
+    ///
+    /// ```
+    /// use http::{HeaderMap, header};
+    /// use tower_precondition::evaluate::Preconditions;
+    ///
+    /// let mut headers = HeaderMap::new();
+    /// headers.insert(header::IF_NONE_MATCH, "\"x\"".parse().unwrap());
+    /// let pre = Preconditions::from_headers(&headers).unwrap();
+    /// assert!(pre.guards_write() && !pre.guards_write_strictly());
+    /// ```
+    pub fn guards_write_strictly(&self) -> bool {
+        matches!(self.if_match, Some(TagList::Tags(_)))
+            || matches!(self.if_none_match, Some(TagList::Any))
+    }
+
     /// Whether no precondition at all is present.
     pub fn is_empty(&self) -> bool {
         !self.guards_write() && self.if_modified_since.is_none()

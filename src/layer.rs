@@ -7,11 +7,15 @@ use tower_layer::Layer;
 
 use crate::{
     access::{access_fn, AccessFn},
-    admission::{self, KeyFn},
+    admission::{self, KeyFn, PreconditionPolicy},
     clock::StoreClock,
     service::PreconditionService,
     store::AtomicVersionStore,
 };
+
+/// The longest any duration setting of either layer may be: larger values saturate to
+/// it, so that `now + lease`, deadlines and `Retry-After` can never overflow.
+pub(crate) const MAX_DURATION: Duration = Duration::from_secs(365 * 24 * 60 * 60);
 
 /// The configuration shared by every service a layer builds.
 #[derive(Clone)]
@@ -19,7 +23,8 @@ pub(crate) struct Config {
     pub(crate) store: Arc<dyn AtomicVersionStore>,
     pub(crate) key: Arc<KeyFn>,
     pub(crate) write_methods: Vec<Method>,
-    pub(crate) require_precondition: bool,
+    /// Named for the old `bool`; the services pass it to `admit` as it is.
+    pub(crate) require_precondition: PreconditionPolicy,
     pub(crate) lease: Duration,
     pub(crate) handler_timeout: Duration,
     pub(crate) store_timeout: Duration,
@@ -64,7 +69,7 @@ impl fmt::Debug for PreconditionLayer {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("PreconditionLayer")
             .field("write_methods", &self.config.write_methods)
-            .field("require_precondition", &self.config.require_precondition)
+            .field("precondition_policy", &self.config.require_precondition)
             .field("lease", &self.config.lease)
             .field("handler_timeout", &self.config.handler_timeout)
             .field("store_timeout", &self.config.store_timeout)
@@ -81,7 +86,7 @@ impl PreconditionLayer {
     /// | --- | --- |
     /// | resource key | the request path |
     /// | write methods | `PUT`, `PATCH`, `DELETE` |
-    /// | require a precondition on writes | no |
+    /// | precondition policy on writes | [`PreconditionPolicy::Optional`] |
     /// | lease | 30 s |
     /// | handler deadline | 25 s (always at most 80% of the lease) |
     /// | store timeout | 2 s |
@@ -100,7 +105,7 @@ impl PreconditionLayer {
                 store,
                 key: admission::path_key(),
                 write_methods: vec![Method::PUT, Method::PATCH, Method::DELETE],
-                require_precondition: false,
+                require_precondition: PreconditionPolicy::Optional,
                 lease: Duration::from_secs(30),
                 handler_timeout: Duration::from_secs(25),
                 store_timeout: Duration::from_secs(2),
@@ -117,8 +122,17 @@ impl PreconditionLayer {
     /// How the resource key is derived from a request. Returning `None` lets the request
     /// through untouched (no evaluation, no versioning).
     ///
-    /// The default is the request path. Requests are versioned per key, so two URLs
-    /// that name one resource must map to one key.
+    /// **One resource must map to exactly one key**: two keys for one resource give it
+    /// two versions, and two writers, each with a valid `ETag`, both win. The default
+    /// is the [canonical](crate::key::canonical_path) request path, which merges the
+    /// spellings RFC 3986 equates (`/items/%31` and `/items/1`, `/items/./1`). Key by
+    /// what the handler actually uses: under axum's `Router::nest` the layer inside the
+    /// nested router sees the path with its prefix stripped, so two nested routers
+    /// would share keys; see the [`key`](crate::key) module for keying by axum's
+    /// `OriginalUri` and by the matched route and its decoded parameters.
+    ///
+    /// Whatever the function returns is stored as [`bounded_key`](crate::key::bounded_key)
+    /// of it (keys over 256 bytes become a fixed-size SHA-256 digest form).
     ///
     /// ```
     /// use tower_precondition::{MemoryStore, PreconditionLayer};
@@ -148,31 +162,44 @@ impl PreconditionLayer {
         self
     }
 
-    /// Answer `428 Precondition Required` to a write with none of `If-Match`,
-    /// `If-None-Match` or a valid `If-Unmodified-Since` (RFC 6585). Off by default.
-    pub fn require_precondition(mut self, require: bool) -> Self {
-        self.config.require_precondition = require;
+    /// Shorthand: `true` sets [`PreconditionPolicy::Required`] (answer
+    /// `428 Precondition Required` to a write with none of `If-Match`, `If-None-Match`
+    /// or a valid `If-Unmodified-Since`, RFC 6585), `false` sets
+    /// [`PreconditionPolicy::Optional`]. Off by default. It replaces any policy set
+    /// before; prefer [`PreconditionPolicy::Strict`] for APIs whose clients must never
+    /// overwrite a version they have not seen.
+    pub fn require_precondition(self, require: bool) -> Self {
+        self.precondition_policy(require.into())
+    }
+
+    /// Which preconditions a write must carry; see [`PreconditionPolicy`]. Default
+    /// [`PreconditionPolicy::Optional`].
+    pub fn precondition_policy(mut self, policy: PreconditionPolicy) -> Self {
+        self.config.require_precondition = policy;
         self
     }
 
     /// How long a write holds its resource. A crashed process leaves a lease that
     /// expires after this; the next write then takes it over with a fresh version.
+    /// Clamped to between 10 ms and 365 days.
     pub fn lease(mut self, lease: Duration) -> Self {
-        self.config.lease = lease.max(Duration::from_millis(10));
+        self.config.lease = lease.clamp(Duration::from_millis(10), MAX_DURATION);
         self
     }
 
     /// The handler's deadline on a write. It is capped at 80% of the lease, so a lease
     /// never expires while its handler still runs. A handler cut off by the deadline is
     /// treated as a failed write: `503`, and the resource gets a fresh version.
+    /// At most 365 days.
     pub fn handler_timeout(mut self, timeout: Duration) -> Self {
-        self.config.handler_timeout = timeout;
+        self.config.handler_timeout = timeout.min(MAX_DURATION);
         self
     }
 
     /// How long one store call may take before it counts as a failure (`503` on writes).
+    /// At most 365 days.
     pub fn store_timeout(mut self, timeout: Duration) -> Self {
-        self.config.store_timeout = timeout;
+        self.config.store_timeout = timeout.min(MAX_DURATION);
         self
     }
 
@@ -248,9 +275,10 @@ impl PreconditionLayer {
         self
     }
 
-    /// The `Retry-After` sent with `409` and `503`.
+    /// The `Retry-After` sent with `409` and `503`, in whole seconds rounded up (at
+    /// least 1). At most 365 days.
     pub fn retry_after(mut self, delay: Duration) -> Self {
-        self.config.retry_after = delay;
+        self.config.retry_after = delay.min(MAX_DURATION);
         self
     }
 }

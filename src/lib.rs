@@ -60,6 +60,22 @@
 //!
 //! The layer needs a Tokio runtime with the time driver (for its deadlines).
 //!
+//! # One resource, one key
+//!
+//! Writes are versioned per resource *key*. The default key is the canonical request
+//! path ([`key::canonical_path`], RFC 3986 section 6.2.2), so `/items/1`, `/items/%31`
+//! and `/items/./1` share one version; keys longer than [`key::MAX_KEY_LEN`] bytes are
+//! stored as a fixed-size SHA-256 digest form ([`key::bounded_key`]). Under axum's
+//! `Router::nest`, or when handlers decode reserved characters, key by what the
+//! handler uses: see the [`key`] module.
+//!
+//! # Policies
+//!
+//! [`PreconditionPolicy`] decides whether a write must be conditional:
+//! [`Strict`](PreconditionPolicy::Strict) lets in only `If-Match: "<etag>"` and
+//! `If-None-Match: *`, so no accepted write can overwrite a version its client has
+//! not seen.
+//!
 //! # Status codes the layer writes
 //!
 //! | code | when |
@@ -68,7 +84,7 @@
 //! | 400 | a malformed `If-Match` / `If-None-Match` |
 //! | 409 | a write while another write on the same resource is in flight |
 //! | 412 | a precondition evaluated false (with the current `ETag` and `Last-Modified`) |
-//! | 428 | [`require_precondition`](PreconditionLayer::require_precondition) is on and a write has no precondition |
+//! | 428 | the [`PreconditionPolicy`] requires a precondition and a write has none it accepts |
 //! | 503 | the version store failed or timed out, or a handler missed its deadline |
 //!
 //! Every body the layer writes is `application/problem+json` (RFC 9457).
@@ -95,6 +111,7 @@ pub mod etag;
 pub mod evaluate;
 mod fresh;
 mod future;
+pub mod key;
 mod layer;
 mod protocol;
 mod response;
@@ -104,6 +121,7 @@ pub mod store;
 pub mod transactional;
 
 pub use crate::{
+    admission::PreconditionPolicy,
     body::ResponseBody,
     etag::EntityTag,
     future::ResponseFuture,

@@ -204,7 +204,16 @@ impl Problem {
     }
 
     /// `428`: the policy requires a precondition on this method.
-    pub(crate) fn precondition_required(method: &http::Method) -> Self {
+    ///
+    /// Under the strict policy the body also names what is not accepted, since a client
+    /// that sent one of those did send a precondition.
+    pub(crate) fn precondition_required(method: &http::Method, strict: bool) -> Self {
+        let not_accepted = if strict {
+            " Only these two are accepted: `If-Match: *`, `If-None-Match` with entity \
+             tags and `If-Unmodified-Since` do not name the version being replaced."
+        } else {
+            ""
+        };
         Self::new(
             StatusCode::PRECONDITION_REQUIRED,
             "precondition_required",
@@ -212,7 +221,7 @@ impl Problem {
             format!(
                 "{method} requests to this resource must be conditional. GET the resource, \
                  then resend this request with `If-Match: <its ETag>` (or `If-None-Match: *` \
-                 to create a resource that must not exist yet)."
+                 to create a resource that must not exist yet).{not_accepted}"
             ),
         )
     }

@@ -244,6 +244,12 @@ pub const DEFAULT_PREFIX: &str = "precondition:";
 /// The default time an entry with a lease outlives the lease inside Redis.
 pub const DEFAULT_LEASE_GRACE: Duration = Duration::from_secs(3600);
 
+/// The longest time to live the store gives an entry (ten years): larger settings
+/// saturate to it. The script writes the entry before its `PEXPIRE`, so a time to live
+/// Redis rejects would fail the call after the write; this bound is far inside what
+/// `PEXPIRE` and the script's number handling accept.
+pub const MAX_TTL: Duration = Duration::from_secs(10 * 365 * 24 * 60 * 60);
+
 /// An [`AtomicVersionStore`] in Redis, shared by every process that uses the same Redis
 /// and prefix. See the [module docs](self) for the data layout, the script, and what
 /// persistence and replication can promise.
@@ -357,19 +363,21 @@ impl<C> RedisStore<C> {
     }
 
     /// How long an entry with a lease outlives the lease inside Redis before Redis drops
-    /// it (default [`DEFAULT_LEASE_GRACE`]). At least 1 ms.
+    /// it (default [`DEFAULT_LEASE_GRACE`]). Clamped to between 1 ms and [`MAX_TTL`]
+    /// (the entry's whole time to live, lease plus grace, is capped at [`MAX_TTL`] too).
     #[must_use]
     pub fn lease_grace(mut self, grace: Duration) -> Self {
-        self.lease_grace = grace.max(Duration::from_millis(1));
+        self.lease_grace = grace.clamp(Duration::from_millis(1), MAX_TTL);
         self
     }
 
     /// Lets committed versions expire after `ttl` without a write (default: never).
     /// An expired version is forgotten safely: old `ETag`s then fail, and the next read
     /// seeds a new version. Useful to bound memory when most resources go cold.
+    /// Clamped to between 1 ms and [`MAX_TTL`].
     #[must_use]
     pub fn version_ttl(mut self, ttl: Option<Duration>) -> Self {
-        self.version_ttl = ttl.map(|t| t.max(Duration::from_millis(1)));
+        self.version_ttl = ttl.map(|t| t.clamp(Duration::from_millis(1), MAX_TTL));
         self
     }
 
@@ -394,7 +402,7 @@ impl<C> RedisStore<C> {
     /// The time to live of a new entry, in milliseconds; 0 for none.
     fn ttl_millis(&self, entry: &Entry) -> u64 {
         let millis = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
-        match entry.lease() {
+        let ttl = match entry.lease() {
             Some(lease) => {
                 let left = lease
                     .expires_at_millis()
@@ -402,7 +410,9 @@ impl<C> RedisStore<C> {
                 left.saturating_add(millis(self.lease_grace)).max(1)
             }
             None => self.version_ttl.map_or(0, millis),
-        }
+        };
+        // A lease far in the future (a custom caller's) must not overflow PEXPIRE.
+        ttl.min(millis(MAX_TTL))
     }
 }
 

@@ -7,10 +7,14 @@ use tower_layer::Layer;
 
 use super::service::PgTransactionalService;
 use crate::{
-    admission::{self, KeyFn},
+    admission::{self, KeyFn, PreconditionPolicy},
+    layer::MAX_DURATION,
     store::PostgresStore,
     PreconditionLayer,
 };
+
+/// The most Postgres accepts for `statement_timeout` / `lock_timeout` (`i32::MAX` ms).
+const MAX_PG_TIMEOUT: Duration = Duration::from_millis(i32::MAX as u64);
 
 /// The configuration shared by every service a layer builds.
 #[derive(Clone)]
@@ -18,7 +22,8 @@ pub(crate) struct TxConfig {
     pub(crate) store: PostgresStore,
     pub(crate) key: Arc<KeyFn>,
     pub(crate) write_methods: Vec<Method>,
-    pub(crate) require_precondition: bool,
+    /// Named for the old `bool`; the service passes it to `admit` as it is.
+    pub(crate) require_precondition: PreconditionPolicy,
     pub(crate) handler_timeout: Duration,
     pub(crate) statement_timeout: Duration,
     pub(crate) lock_timeout: Duration,
@@ -34,7 +39,11 @@ impl TxConfig {
         let ms = |d: Duration| d.as_millis().clamp(1, i32::MAX as u128);
         // The idle timeout covers a process that hangs with the transaction open:
         // the server ends the session (rolling back) once the handler is surely dead.
-        let idle = self.handler_timeout + self.store_timeout + Duration::from_secs(5);
+        // Saturating: the settings are bounded, but this must not panic if they grow.
+        let idle = self
+            .handler_timeout
+            .saturating_add(self.store_timeout)
+            .saturating_add(Duration::from_secs(5));
         // One `set_config` statement, not three `SET LOCAL`s: each utility statement
         // costs a round of parsing and GUC work on every write (about 20% of the
         // server's time per write in our measurements).
@@ -84,7 +93,7 @@ impl fmt::Debug for PgTransactionalLayer {
         f.debug_struct("PgTransactionalLayer")
             .field("store", &self.config.store)
             .field("write_methods", &self.config.write_methods)
-            .field("require_precondition", &self.config.require_precondition)
+            .field("precondition_policy", &self.config.require_precondition)
             .field("handler_timeout", &self.config.handler_timeout)
             .field("statement_timeout", &self.config.statement_timeout)
             .field("lock_timeout", &self.config.lock_timeout)
@@ -103,7 +112,7 @@ impl PgTransactionalLayer {
     /// | --- | --- |
     /// | resource key | the request path |
     /// | write methods | `PUT`, `PATCH`, `DELETE` |
-    /// | require a precondition on writes | no |
+    /// | precondition policy on writes | [`PreconditionPolicy::Optional`] |
     /// | handler deadline | 25 s |
     /// | `statement_timeout` in the transaction | 10 s |
     /// | `lock_timeout` (waiting for a concurrent write of the same resource) | 5 s |
@@ -116,7 +125,7 @@ impl PgTransactionalLayer {
                 store: store.into(),
                 key: admission::path_key(),
                 write_methods: vec![Method::PUT, Method::PATCH, Method::DELETE],
-                require_precondition: false,
+                require_precondition: PreconditionPolicy::Optional,
                 handler_timeout: Duration::from_secs(25),
                 statement_timeout: Duration::from_secs(10),
                 lock_timeout: Duration::from_secs(5),
@@ -129,8 +138,9 @@ impl PgTransactionalLayer {
     }
 
     /// How the resource key is derived from a request; `None` lets the request through
-    /// untouched. The default is the request path. See
-    /// [`PreconditionLayer::key_fn`].
+    /// untouched. The default is the [canonical](crate::key::canonical_path) request
+    /// path. **One resource must map to exactly one key**; see
+    /// [`PreconditionLayer::key_fn`] and the [`key`](crate::key) module.
     pub fn key_fn<F>(mut self, key: F) -> Self
     where
         F: Fn(&Parts) -> Option<String> + Send + Sync + 'static,
@@ -147,38 +157,49 @@ impl PgTransactionalLayer {
         self
     }
 
-    /// Answer `428 Precondition Required` to a write with none of `If-Match`,
-    /// `If-None-Match` or a valid `If-Unmodified-Since` (RFC 6585). Off by default.
-    pub fn require_precondition(mut self, require: bool) -> Self {
-        self.config.require_precondition = require;
+    /// Shorthand: `true` sets [`PreconditionPolicy::Required`], `false`
+    /// [`PreconditionPolicy::Optional`] (the default); it replaces any policy set
+    /// before. See [`PreconditionLayer::require_precondition`].
+    pub fn require_precondition(self, require: bool) -> Self {
+        self.precondition_policy(require.into())
+    }
+
+    /// Which preconditions a write must carry; see [`PreconditionPolicy`]. Default
+    /// [`PreconditionPolicy::Optional`].
+    pub fn precondition_policy(mut self, policy: PreconditionPolicy) -> Self {
+        self.config.require_precondition = policy;
         self
     }
 
     /// The handler's deadline on a write. A handler cut off by it is dropped, its
     /// transaction rolled back, and the client gets `503` (nothing changed).
+    /// Clamped to between 1 ms and 365 days.
     pub fn handler_timeout(mut self, timeout: Duration) -> Self {
-        self.config.handler_timeout = timeout.max(Duration::from_millis(1));
+        self.config.handler_timeout = timeout.clamp(Duration::from_millis(1), MAX_DURATION);
         self
     }
 
     /// `statement_timeout` for every statement of a write's transaction (the layer's
     /// and the handler's). A statement that runs longer fails, and the write rolls back.
+    /// Clamped to between 1 ms and `i32::MAX` ms (about 24.8 days, the most Postgres
+    /// accepts).
     pub fn statement_timeout(mut self, timeout: Duration) -> Self {
-        self.config.statement_timeout = timeout.max(Duration::from_millis(1));
+        self.config.statement_timeout = timeout.clamp(Duration::from_millis(1), MAX_PG_TIMEOUT);
         self
     }
 
     /// How long a write waits for the version row while a concurrent write of the same
-    /// resource holds it; past that it gets `409` with `Retry-After`.
+    /// resource holds it; past that it gets `409` with `Retry-After`. Clamped to
+    /// between 1 ms and `i32::MAX` ms (about 24.8 days, the most Postgres accepts).
     pub fn lock_timeout(mut self, timeout: Duration) -> Self {
-        self.config.lock_timeout = timeout.max(Duration::from_millis(1));
+        self.config.lock_timeout = timeout.clamp(Duration::from_millis(1), MAX_PG_TIMEOUT);
         self
     }
 
     /// How long getting a pooled connection (and a read's version lookup) may take
-    /// before it counts as a failure (`503` on writes).
+    /// before it counts as a failure (`503` on writes). At most 365 days.
     pub fn store_timeout(mut self, timeout: Duration) -> Self {
-        self.config.store_timeout = timeout;
+        self.config.store_timeout = timeout.min(MAX_DURATION);
         self
     }
 
@@ -190,9 +211,10 @@ impl PgTransactionalLayer {
         self
     }
 
-    /// The `Retry-After` sent with `409` and `503`.
+    /// The `Retry-After` sent with `409` and `503`, in whole seconds rounded up (at
+    /// least 1). At most 365 days.
     pub fn retry_after(mut self, delay: Duration) -> Self {
-        self.config.retry_after = delay;
+        self.config.retry_after = delay.min(MAX_DURATION);
         self
     }
 
