@@ -261,7 +261,9 @@ impl Problem {
             set_validators(headers, version);
         }
         if let Some(delay) = self.retry_after {
-            let secs = delay.as_secs() + u64::from(delay.subsec_nanos() > 0);
+            let secs = delay
+                .as_secs()
+                .saturating_add(u64::from(delay.subsec_nanos() > 0));
             headers.insert(header::RETRY_AFTER, HeaderValue::from(secs.max(1)));
         }
         response
@@ -325,6 +327,17 @@ mod tests {
         assert_eq!(
             last_modified_value(&first).expect("renders"),
             "Sun, 06 Nov 1994 08:49:37 GMT"
+        );
+    }
+
+    #[test]
+    fn retry_after_saturates() {
+        // Duration::MAX has a fractional second: rounding it up must not overflow.
+        let response: Response<ResponseBody<()>> =
+            Problem::write_in_flight(Duration::MAX).into_response();
+        assert_eq!(
+            response.headers()[header::RETRY_AFTER],
+            u64::MAX.to_string().as_str()
         );
     }
 
