@@ -95,6 +95,7 @@ mod fresh;
 mod future;
 mod layer;
 mod protocol;
+pub mod request_body;
 mod response;
 mod service;
 pub mod store;
@@ -107,6 +108,7 @@ pub use crate::{
     future::ResponseFuture,
     layer::PreconditionLayer,
     protocol::Reservation,
+    request_body::{BufferableBody, RequestBodyConfig},
     service::PreconditionService,
     store::{AtomicVersionStore, Entry, StoreError, Version},
 };
