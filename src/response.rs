@@ -164,6 +164,23 @@ impl Problem {
         )
     }
 
+    /// `503` (transactional mode): as many write transactions as allowed are open,
+    /// and none finished within the wait; nothing was attempted.
+    #[cfg(feature = "postgres")]
+    pub(crate) fn too_many_writes(retry_after: Duration) -> Self {
+        Self {
+            retry_after: Some(retry_after),
+            ..Self::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "too_many_writes_in_flight",
+                "Too many writes in flight",
+                "The server is running as many write transactions as it allows, so this \
+                 write was not attempted. Retry after the delay in Retry-After."
+                    .into(),
+            )
+        }
+    }
+
     /// The status of the response.
     pub(crate) fn status(&self) -> StatusCode {
         self.status
