@@ -58,29 +58,29 @@ const KEY: &str = "/items/42";
 const WARM_UP: u64 = 100;
 const COUNTED: u64 = 10_000;
 
-async fn handler(_request: Request<()>) -> Result<Response<Full<Bytes>>, Infallible> {
+async fn handler(_request: Request<Full<Bytes>>) -> Result<Response<Full<Bytes>>, Infallible> {
     Ok(Response::new(Full::new(Bytes::from_static(
         b"{\"id\":42,\"name\":\"widget\"}",
     ))))
 }
 
-type MakeRequest = fn(&HeaderValue) -> Request<()>;
+type MakeRequest = fn(&HeaderValue) -> Request<Full<Bytes>>;
 
-fn get(_: &HeaderValue) -> Request<()> {
-    Request::get(KEY).body(()).expect("request")
+fn get(_: &HeaderValue) -> Request<Full<Bytes>> {
+    Request::get(KEY).body(Full::default()).expect("request")
 }
 
-fn get_if_none_match(etag: &HeaderValue) -> Request<()> {
+fn get_if_none_match(etag: &HeaderValue) -> Request<Full<Bytes>> {
     Request::get(KEY)
         .header(header::IF_NONE_MATCH, etag.clone())
-        .body(())
+        .body(Full::default())
         .expect("request")
 }
 
-fn put_if_match(etag: &HeaderValue) -> Request<()> {
+fn put_if_match(etag: &HeaderValue) -> Request<Full<Bytes>> {
     Request::put(KEY)
         .header(header::IF_MATCH, etag.clone())
-        .body(())
+        .body(Full::default())
         .expect("request")
 }
 
@@ -93,7 +93,7 @@ async fn per_request<S, B>(
     follow_etag: bool,
 ) -> (f64, f64)
 where
-    S: Service<Request<()>, Response = Response<B>, Error = Infallible>,
+    S: Service<Request<Full<Bytes>>, Response = Response<B>, Error = Infallible>,
 {
     let mut counted = (0, 0);
     for round in 0..WARM_UP + COUNTED {

@@ -269,27 +269,27 @@ fn bench_memory_contended(c: &mut Criterion, a: &Entry, b_entry: &Entry) {
 // The whole layer vs the bare service.
 // ---------------------------------------------------------------------------------
 
-async fn handler(_request: Request<()>) -> Result<Response<Full<Bytes>>, Infallible> {
+async fn handler(_request: Request<Full<Bytes>>) -> Result<Response<Full<Bytes>>, Infallible> {
     Ok(Response::new(Full::new(Bytes::from_static(
         b"{\"id\":42,\"name\":\"widget\"}",
     ))))
 }
 
-fn get() -> Request<()> {
-    Request::get(KEY).body(()).expect("request")
+fn get() -> Request<Full<Bytes>> {
+    Request::get(KEY).body(Full::default()).expect("request")
 }
 
-fn get_if_none_match(etag: &HeaderValue) -> Request<()> {
+fn get_if_none_match(etag: &HeaderValue) -> Request<Full<Bytes>> {
     Request::get(KEY)
         .header(header::IF_NONE_MATCH, etag.clone())
-        .body(())
+        .body(Full::default())
         .expect("request")
 }
 
-fn put_if_match(etag: &HeaderValue) -> Request<()> {
+fn put_if_match(etag: &HeaderValue) -> Request<Full<Bytes>> {
     Request::put(KEY)
         .header(header::IF_MATCH, etag.clone())
-        .body(())
+        .body(Full::default())
         .expect("request")
 }
 
@@ -299,7 +299,7 @@ struct Case {
     name: &'static str,
     /// The status the layered service must answer (the bare one always answers 200).
     expect: StatusCode,
-    request: fn(&HeaderValue) -> Request<()>,
+    request: fn(&HeaderValue) -> Request<Full<Bytes>>,
     /// Whether the next request names the `ETag` of the previous response (PUT).
     follow_etag: bool,
 }
@@ -314,7 +314,7 @@ async fn drive<S, B>(
     case: Case,
 ) -> Duration
 where
-    S: Service<Request<()>, Response = Response<B>, Error = Infallible>,
+    S: Service<Request<Full<Bytes>>, Response = Response<B>, Error = Infallible>,
 {
     let start = Instant::now();
     for _ in 0..iters {

@@ -28,7 +28,7 @@ use std::{
 
 use bytes::Bytes;
 use http::{header, HeaderValue, Method, Request, Response, StatusCode};
-use http_body_util::{BodyExt, Full};
+use http_body_util::{combinators::BoxBody, BodyExt, Full};
 use hyper::body::Incoming;
 use hyper_util::{
     client::legacy::Client,
@@ -52,7 +52,7 @@ fn text(status: StatusCode, body: &'static str) -> Response<Full<Bytes>> {
 /// The whole application: no routing library, just a match.
 async fn handle(
     docs: Docs,
-    request: Request<Incoming>,
+    request: Request<BoxBody<Bytes, hyper::Error>>,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
     let Some(name) = request
         .uri()
@@ -113,6 +113,10 @@ async fn handle(
 async fn serve(listener: TcpListener) {
     let docs = Docs::default();
     let service = ServiceBuilder::new()
+        // The layer buffers a write's body before it reserves the resource, and hands
+        // the handler a body of the same type: hyper's `Incoming` cannot be rebuilt
+        // from bytes, so map it to a boxed body first.
+        .map_request(|request: Request<Incoming>| request.map(|body| body.boxed()))
         .layer(PreconditionLayer::new(MemoryStore::new()))
         .service_fn(move |request| handle(docs.clone(), request));
     loop {

@@ -9,6 +9,7 @@ use crate::{
     access::{access_fn, AccessFn},
     admission::{self, KeyFn, PreconditionPolicy},
     clock::StoreClock,
+    request_body::RequestBodyConfig,
     service::PreconditionService,
     store::AtomicVersionStore,
 };
@@ -33,6 +34,7 @@ pub(crate) struct Config {
     pub(crate) max_reserve_attempts: u32,
     pub(crate) validators_on_412: bool,
     pub(crate) access: Option<Arc<AccessFn>>,
+    pub(crate) request_body: RequestBodyConfig,
     /// This layer's reading of the store's clock (leases are judged by it).
     pub(crate) clock: Arc<StoreClock>,
 }
@@ -114,6 +116,7 @@ impl PreconditionLayer {
                 max_reserve_attempts: 4,
                 validators_on_412: true,
                 access: None,
+                request_body: RequestBodyConfig::new(),
                 clock: Arc::default(),
             },
         }
@@ -228,6 +231,25 @@ impl PreconditionLayer {
     /// whoever can send the request learns the current tag.
     pub fn validators_on_412(mut self, include: bool) -> Self {
         self.config.validators_on_412 = include;
+        self
+    }
+
+    /// How a write's request body is read before the resource is reserved. By default
+    /// it is buffered (up to [`RequestBodyConfig::DEFAULT_LIMIT`], within
+    /// [`RequestBodyConfig::DEFAULT_READ_TIMEOUT`]): the lease is taken only once the
+    /// body is in hand, so a client that stalls its upload holds nothing other writers
+    /// wait for (it gets `408`), an oversized body gets `413`, and a body cut off
+    /// mid-upload gets `400` with nothing changed.
+    ///
+    /// [`RequestBodyConfig::streaming`] hands the body to the handler unread, for
+    /// uploads too large to buffer. The cost: the lease is held while the client sends,
+    /// so a stalled upload makes other writers of that resource get `409` until the
+    /// handler's deadline, which then gives the resource a fresh version; and a body
+    /// that fails mid-read is only seen by the handler (answer `4xx` then, and the old
+    /// version stays valid for a resource you did not change, or `5xx` for one you
+    /// may have half written).
+    pub fn request_body(mut self, config: RequestBodyConfig) -> Self {
+        self.config.request_body = config;
         self
     }
 

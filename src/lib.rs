@@ -81,9 +81,11 @@
 //! | code | when |
 //! | --- | --- |
 //! | 304 | a read whose `If-None-Match` / `If-Modified-Since` matches |
-//! | 400 | a malformed `If-Match` / `If-None-Match` |
+//! | 400 | a malformed `If-Match` / `If-None-Match`; a buffered write body that failed or ended short of its `Content-Length` ([`request_body`]) |
+//! | 408 | a buffered write body not in hand within the read timeout ([`request_body`]) |
 //! | 409 | a write while another write on the same resource is in flight |
 //! | 412 | a precondition evaluated false (with the current `ETag` and `Last-Modified`) |
+//! | 413 | a buffered write body over the size limit ([`request_body`]) |
 //! | 428 | the [`PreconditionPolicy`] requires a precondition and a write has none it accepts |
 //! | 503 | the version store failed or timed out, or a handler missed its deadline |
 //!
@@ -114,6 +116,7 @@ mod future;
 pub mod key;
 mod layer;
 mod protocol;
+pub mod request_body;
 mod response;
 mod service;
 pub mod store;
@@ -127,6 +130,7 @@ pub use crate::{
     future::ResponseFuture,
     layer::PreconditionLayer,
     protocol::Reservation,
+    request_body::{BufferableBody, RequestBodyConfig},
     service::PreconditionService,
     store::{AtomicVersionStore, Entry, StoreError, Version},
 };

@@ -1,5 +1,5 @@
 //! The responses the layer writes itself: `304`, and problem+json (RFC 9457) documents
-//! for `400`, `409`, `412`, `428` and `503`.
+//! for `400`, `408`, `409`, `412`, `413`, `428` and `503`.
 //!
 //! Every problem document has the RFC 9457 members `type`, `title`, `status` and
 //! `detail`, plus `code`, a stable snake-case name for programs to match on.
@@ -143,6 +143,83 @@ impl Problem {
             "Malformed precondition header",
             detail,
         )
+    }
+
+    /// `413`: the request body is over the limit (or its `Content-Length` says so).
+    pub(crate) fn body_too_large(limit: usize) -> Self {
+        Self::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "request_body_too_large",
+            "Request body too large",
+            format!(
+                "The request body is larger than the {limit} bytes this server accepts \
+                 for a write, so the write was not attempted."
+            ),
+        )
+    }
+
+    /// `408`: the request body was not in hand within the read timeout.
+    pub(crate) fn body_timed_out(after: Duration) -> Self {
+        Self::new(
+            StatusCode::REQUEST_TIMEOUT,
+            "request_body_timeout",
+            "Request body timed out",
+            format!(
+                "The request body did not arrive within {} ms, so the write was not \
+                 attempted and nothing changed. Resend the request.",
+                after.as_millis()
+            ),
+        )
+    }
+
+    /// `400`: the request body failed, or ended short of (or past) its
+    /// `Content-Length`.
+    pub(crate) fn body_incomplete(detail: String) -> Self {
+        Self::new(
+            StatusCode::BAD_REQUEST,
+            "request_body_incomplete",
+            "Incomplete request body",
+            detail,
+        )
+    }
+
+    /// `400`: the `Content-Length` does not parse, or several values disagree.
+    pub(crate) fn invalid_content_length() -> Self {
+        Self::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_content_length",
+            "Invalid Content-Length",
+            "The Content-Length header is not one non-negative number, so the request \
+             body cannot be delimited. The write was not attempted."
+                .into(),
+        )
+    }
+
+    /// `503` (transactional mode): as many write transactions as allowed are open,
+    /// and none finished within the wait; nothing was attempted.
+    #[cfg(feature = "postgres")]
+    pub(crate) fn too_many_writes(retry_after: Duration) -> Self {
+        Self {
+            retry_after: Some(retry_after),
+            ..Self::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "too_many_writes_in_flight",
+                "Too many writes in flight",
+                "The server is running as many write transactions as it allows, so this \
+                 write was not attempted. Retry after the delay in Retry-After."
+                    .into(),
+            )
+        }
+    }
+
+    /// The status of the response.
+    pub(crate) fn status(&self) -> StatusCode {
+        self.status
+    }
+
+    /// The stable `code` member.
+    pub(crate) fn code(&self) -> &'static str {
+        self.code
     }
 
     /// `409`: another write on the same resource is in flight.
@@ -320,7 +397,9 @@ impl Problem {
             set_validators(headers, version);
         }
         if let Some(delay) = self.retry_after {
-            let secs = delay.as_secs() + u64::from(delay.subsec_nanos() > 0);
+            let secs = delay
+                .as_secs()
+                .saturating_add(u64::from(delay.subsec_nanos() > 0));
             headers.insert(header::RETRY_AFTER, HeaderValue::from(secs.max(1)));
         }
         response
@@ -381,8 +460,10 @@ fn failed_precondition(
 fn type_uri(status: StatusCode) -> &'static str {
     match status.as_u16() {
         400 => "https://www.rfc-editor.org/rfc/rfc9110#status.400",
+        408 => "https://www.rfc-editor.org/rfc/rfc9110#status.408",
         409 => "https://www.rfc-editor.org/rfc/rfc9110#status.409",
         412 => "https://www.rfc-editor.org/rfc/rfc9110#status.412",
+        413 => "https://www.rfc-editor.org/rfc/rfc9110#status.413",
         428 => "https://www.rfc-editor.org/rfc/rfc6585#section-3",
         503 => "https://www.rfc-editor.org/rfc/rfc9110#status.503",
         _ => "about:blank",
@@ -436,6 +517,47 @@ mod tests {
             last_modified_value(&first).expect("renders"),
             "Sun, 06 Nov 1994 08:49:37 GMT"
         );
+    }
+
+    #[test]
+    fn retry_after_saturates() {
+        // Duration::MAX has a fractional second: rounding it up must not overflow.
+        let response: Response<ResponseBody<()>> =
+            Problem::write_in_flight(Duration::MAX).into_response();
+        assert_eq!(
+            response.headers()[header::RETRY_AFTER],
+            u64::MAX.to_string().as_str()
+        );
+    }
+
+    #[test]
+    fn body_problems_have_their_own_codes() {
+        for (problem, status, code) in [
+            (Problem::body_too_large(10), 413, "request_body_too_large"),
+            (
+                Problem::body_timed_out(Duration::MAX),
+                408,
+                "request_body_timeout",
+            ),
+            (
+                Problem::body_incomplete("cut".into()),
+                400,
+                "request_body_incomplete",
+            ),
+            (
+                Problem::invalid_content_length(),
+                400,
+                "invalid_content_length",
+            ),
+        ] {
+            assert_eq!(problem.code(), code);
+            let response: Response<ResponseBody<()>> = problem.into_response();
+            assert_eq!(response.status().as_u16(), status);
+            assert_eq!(
+                response.headers()[header::CONTENT_TYPE],
+                "application/problem+json"
+            );
+        }
     }
 
     #[test]

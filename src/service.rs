@@ -15,7 +15,8 @@ use crate::{
     future::ResponseFuture,
     layer::Config,
     protocol,
-    response::Early,
+    request_body::BufferableBody,
+    response::{Early, Problem},
 };
 
 /// The middleware built by [`PreconditionLayer`](crate::PreconditionLayer).
@@ -58,7 +59,7 @@ impl<S, ReqBody, ResBody> Service<Request<ReqBody>> for PreconditionService<S>
 where
     S: Service<Request<ReqBody>, Response = Response<ResBody>> + Clone,
     S::Error: Send + 'static,
-    ReqBody: Send + 'static,
+    ReqBody: BufferableBody,
     ResBody: Send + 'static,
 {
     type Response = Response<ResponseBody<ResBody>>;
@@ -121,6 +122,20 @@ where
                     if let Some(check) = check {
                         check.await.map_err(Early::Refused)?;
                     }
+                    // The lease is taken once the body is in hand: a client that
+                    // stalls its upload holds nothing that other writers wait for, and
+                    // a body cut off mid-upload is refused before anything changes.
+                    let request = if config.request_body.is_streaming() {
+                        request
+                    } else {
+                        let (parts, body) = request.into_parts();
+                        let bytes = config
+                            .request_body
+                            .collect(&parts.headers, body)
+                            .await
+                            .map_err(|refusal| Early::Problem(Problem::from(&refusal)))?;
+                        Request::from_parts(parts, ReqBody::from_bytes(bytes))
+                    };
                     let guard = protocol::reserve(config, key, method, pre).await?;
                     Ok((request, guard))
                 }

@@ -1,11 +1,17 @@
 //! The response future of the transactional mode.
 //!
 //! ```text
-//! write:  Beginning (BEGIN + lock + evaluate) ──> Running (handler, with deadline)
-//!           ──> Finishing (write version + COMMIT, or ROLLBACK) ──> response
+//! write:  Collecting (the body, within limit and timeout; skipped when streaming)
+//!           ──> Beginning (permit + BEGIN + lock + evaluate) ──> Running (handler,
+//!           with deadline) ──> Finishing (write version + COMMIT, or ROLLBACK)
+//!           ──> response
 //! read:   Read (the store-mode read future)
 //! either: Ready (a response the layer wrote) | Passthrough (not ours)
 //! ```
+//!
+//! The body is read before the transaction begins, so a client that stalls mid-upload
+//! holds no permit, no connection and no row lock (finding 8.1), and a body that fails
+//! or is cut off is refused (`400`) before anything is begun (finding 7.4).
 //!
 //! The transaction is owned by a `TxOwner`, held by this future from `Running` on (and
 //! by the `Beginning` step's future before): if the future is dropped (a client that
@@ -20,7 +26,7 @@ use std::{
     time::SystemTime,
 };
 
-use http::{Method, Request, Response};
+use http::{request::Parts, Method, Request, Response};
 use pin_project_lite::pin_project;
 use tokio::time::Sleep;
 use tower_service::Service;
@@ -33,6 +39,7 @@ use crate::{
     body::ResponseBody,
     fresh::fresh_etag,
     future::{strong_etag, take_pair},
+    request_body::{BufferableBody, CollectBody},
     response::{remove_validators, set_validators, Problem},
     store::Version,
 };
@@ -45,6 +52,7 @@ pin_project! {
     pub struct ResponseFuture<S, ReqBody, ResBody>
     where
         S: Service<Request<ReqBody>, Response = Response<ResBody>>,
+        ReqBody: BufferableBody,
     {
         // Declared first so it is dropped first: a dropped handler future releases
         // the transaction before the owner rolls it back.
@@ -59,10 +67,16 @@ pin_project! {
     enum State<S, ReqBody, ResBody>
     where
         S: Service<Request<ReqBody>, Response = Response<ResBody>>,
+        ReqBody: BufferableBody,
     {
         Ready { response: Option<Response<ResponseBody<ResBody>>> },
         Passthrough { #[pin] future: S::Future },
         Read { #[pin] future: crate::ResponseFuture<S, ReqBody, ResBody> },
+        Collecting {
+            #[pin]
+            collect: CollectBody<ReqBody>,
+            next: Option<Box<Collected<S>>>,
+        },
         Beginning {
             begin: BoxFuture<Result<Started, Problem>>,
             inner: Option<S>,
@@ -73,8 +87,15 @@ pin_project! {
     }
 }
 
+/// What a buffered write needs once its body is in hand.
+struct Collected<S> {
+    begin: BoxFuture<Result<Started, Problem>>,
+    inner: S,
+    parts: Parts,
+}
+
 /// What a write carries from its start to its end.
-struct WriteCtx {
+pub(crate) struct WriteCtx {
     config: Arc<TxConfig>,
     key: Arc<str>,
     method: Method,
@@ -87,6 +108,7 @@ struct WriteCtx {
 impl<S, ReqBody, ResBody> ResponseFuture<S, ReqBody, ResBody>
 where
     S: Service<Request<ReqBody>, Response = Response<ResBody>>,
+    ReqBody: BufferableBody,
 {
     fn with_state(state: State<S, ReqBody, ResBody>, write: Option<WriteCtx>) -> Self {
         Self {
@@ -112,35 +134,58 @@ where
         )
     }
 
+    /// A write whose body is streamed: the transaction begins at once, and the handler
+    /// reads the body inside it.
     pub(crate) fn write(
         begin: BoxFuture<Result<Started, Problem>>,
         inner: S,
         request: Request<ReqBody>,
-        config: Arc<TxConfig>,
-        key: Arc<str>,
-        method: Method,
+        ctx: WriteCtx,
     ) -> Self {
         let state = State::Beginning {
             begin,
             inner: Some(inner),
             request: Some(request),
         };
-        Self::with_state(
-            state,
-            Some(WriteCtx {
-                config,
-                key,
-                method,
-                owner: None,
-                base: None,
-            }),
-        )
+        Self::with_state(state, Some(ctx))
+    }
+
+    /// A write whose body is collected first; the transaction begins once it is in hand.
+    pub(crate) fn buffered(
+        collect: CollectBody<ReqBody>,
+        begin: BoxFuture<Result<Started, Problem>>,
+        inner: S,
+        parts: Parts,
+        ctx: WriteCtx,
+    ) -> Self {
+        let state = State::Collecting {
+            collect,
+            next: Some(Box::new(Collected {
+                begin,
+                inner,
+                parts,
+            })),
+        };
+        Self::with_state(state, Some(ctx))
+    }
+}
+
+impl WriteCtx {
+    pub(crate) fn new(config: Arc<TxConfig>, key: Arc<str>, method: Method) -> Self {
+        Self {
+            config,
+            key,
+            method,
+            owner: None,
+            base: None,
+        }
     }
 }
 
 impl<S, ReqBody, ResBody> Future for ResponseFuture<S, ReqBody, ResBody>
 where
     S: Service<Request<ReqBody>, Response = Response<ResBody>>,
+    ReqBody: BufferableBody,
     S::Error: Send + 'static,
     ResBody: Send + 'static,
 {
@@ -162,6 +207,30 @@ where
                 }
                 StateProj::Read { future } => return future.poll(cx),
                 StateProj::Finishing { finish } => return finish.as_mut().poll(cx),
+
+                StateProj::Collecting { collect, next } => {
+                    let collected = ready!(collect.poll(cx));
+                    let Collected {
+                        begin,
+                        inner,
+                        parts,
+                    } = *next.take().expect("ResponseFuture polled after completion");
+                    match collected {
+                        Ok(bytes) => State::Beginning {
+                            begin,
+                            inner: Some(inner),
+                            request: Some(Request::from_parts(parts, ReqBody::from_bytes(bytes))),
+                        },
+                        Err(refusal) => {
+                            // Nothing was begun: `begin` is dropped unpolled.
+                            let key = this.write.as_deref().map_or("", |ctx| &*ctx.key);
+                            tracing::info!(key, %refusal, "request body refused before the transaction");
+                            State::Ready {
+                                response: Some(refusal.into_response()),
+                            }
+                        }
+                    }
+                }
 
                 StateProj::Beginning {
                     begin,

@@ -3,6 +3,7 @@
 use std::{fmt, sync::Arc, time::Duration};
 
 use http::{request::Parts, Method};
+use tokio::sync::Semaphore;
 use tower_layer::Layer;
 
 use super::service::PgTransactionalService;
@@ -10,7 +11,7 @@ use crate::{
     admission::{self, KeyFn, PreconditionPolicy},
     layer::MAX_DURATION,
     store::PostgresStore,
-    PreconditionLayer,
+    PreconditionLayer, RequestBodyConfig,
 };
 
 /// The most Postgres accepts for `statement_timeout` / `lock_timeout` (`i32::MAX` ms).
@@ -30,6 +31,12 @@ pub(crate) struct TxConfig {
     pub(crate) store_timeout: Duration,
     pub(crate) short_circuit_reads: bool,
     pub(crate) retry_after: Duration,
+    pub(crate) body: RequestBodyConfig,
+    /// Permits for the write transactions open at once; shared by every service the
+    /// layer builds (axum's `Router::layer` builds one per route).
+    pub(crate) open_writes: Arc<Semaphore>,
+    pub(crate) max_open_writes: usize,
+    pub(crate) write_queue_timeout: Duration,
     /// `BEGIN` and the `SET LOCAL`s, built from the timeouts by [`Layer::layer`].
     pub(crate) begin_sql: String,
 }
@@ -100,6 +107,9 @@ impl fmt::Debug for PgTransactionalLayer {
             .field("store_timeout", &self.config.store_timeout)
             .field("short_circuit_reads", &self.config.short_circuit_reads)
             .field("retry_after", &self.config.retry_after)
+            .field("request_body", &self.config.body)
+            .field("max_open_writes", &self.config.max_open_writes)
+            .field("write_queue_timeout", &self.config.write_queue_timeout)
             .finish_non_exhaustive()
     }
 }
@@ -119,10 +129,15 @@ impl PgTransactionalLayer {
     /// | store timeout (getting a connection; one read's statement) | 2 s |
     /// | matching reads answered `304` without running the handler | yes |
     /// | `Retry-After` on `409` / `503` | 1 s |
+    /// | request body | buffered before `BEGIN`: 2 MiB, read within 10 s ([`request_body`](Self::request_body)) |
+    /// | write transactions open at once | 3/4 of the pool's size ([`max_open_writes`](Self::max_open_writes)) |
+    /// | wait for one of those | 1 s, then `503` ([`write_queue_timeout`](Self::write_queue_timeout)) |
     pub fn new(store: impl Into<PostgresStore>) -> Self {
+        let store = store.into();
+        let max_open_writes = default_open_writes(store.pool().status().max_size);
         Self {
             config: TxConfig {
-                store: store.into(),
+                store,
                 key: admission::path_key(),
                 write_methods: vec![Method::PUT, Method::PATCH, Method::DELETE],
                 require_precondition: PreconditionPolicy::Optional,
@@ -132,6 +147,10 @@ impl PgTransactionalLayer {
                 store_timeout: Duration::from_secs(2),
                 short_circuit_reads: false,
                 retry_after: Duration::from_secs(1),
+                body: RequestBodyConfig::new(),
+                open_writes: Arc::new(Semaphore::new(max_open_writes)),
+                max_open_writes,
+                write_queue_timeout: Duration::from_secs(1),
                 begin_sql: String::new(),
             },
         }
@@ -218,6 +237,55 @@ impl PgTransactionalLayer {
         self
     }
 
+    /// How a write's request body is read: buffered before the transaction begins
+    /// (the default: 2 MiB limit, 10 s read timeout), or streamed into the handler.
+    /// See [`request_body`](crate::request_body).
+    ///
+    /// Buffered, a client that stalls mid-upload holds nothing but its own socket:
+    /// no connection, no transaction, no row lock. It gets `408` after the read
+    /// timeout; a body over the limit gets `413` (up front when `Content-Length`
+    /// says so); a body that fails or ends short of its `Content-Length` gets `400`.
+    /// No transaction is begun for any of them, and the handler never runs.
+    ///
+    /// [Streaming](RequestBodyConfig::streaming), the transaction is begun (the row
+    /// locked, a pooled connection taken) before the first byte, and the handler
+    /// reads the body inside it: a client that stalls holds the row lock (every other
+    /// writer of that resource waits `lock_timeout`, then gets `409`), a connection
+    /// and one of the [`max_open_writes`](Self::max_open_writes) permits until the
+    /// handler's deadline. Use it for bodies too large to buffer, behind a proxy that
+    /// buffers uploads.
+    pub fn request_body(mut self, config: RequestBodyConfig) -> Self {
+        self.config.body = config;
+        self
+    }
+
+    /// The most write transactions open at once (each holds a pooled connection
+    /// until it commits or rolls back). A write that finds them all taken waits up
+    /// to [`write_queue_timeout`](Self::write_queue_timeout) for one to finish,
+    /// then gets `503` with `Retry-After`; it never waits forever.
+    ///
+    /// The default is three quarters of the pool's size, leaving a quarter (at least
+    /// one connection when the pool has two or more) for reads, which look up the
+    /// version on their own connection, and for the app's other queries: slow writes
+    /// can then never starve them. `0` counts as `1`; values past what a Tokio
+    /// semaphore holds saturate. The limit is shared by every service this layer
+    /// builds (every route of an axum `Router`); set it before
+    /// [`Layer::layer`](tower_layer::Layer::layer).
+    pub fn max_open_writes(mut self, max: usize) -> Self {
+        let max = max.clamp(1, Semaphore::MAX_PERMITS);
+        self.config.max_open_writes = max;
+        self.config.open_writes = Arc::new(Semaphore::new(max));
+        self
+    }
+
+    /// How long a write waits for one of the
+    /// [`max_open_writes`](Self::max_open_writes) permits before it gets `503`.
+    /// Default 1 s.
+    pub fn write_queue_timeout(mut self, timeout: Duration) -> Self {
+        self.config.write_queue_timeout = timeout;
+        self
+    }
+
     /// The read side: the store-mode layer over the same store, with our key and
     /// read settings. It never sees a write.
     fn reads(&self) -> PreconditionLayer {
@@ -229,6 +297,14 @@ impl PgTransactionalLayer {
             .short_circuit_reads(self.config.short_circuit_reads)
             .retry_after(self.config.retry_after)
     }
+}
+
+/// Three quarters of the pool, leaving at least one connection for reads when the pool
+/// has two or more.
+fn default_open_writes(pool_size: usize) -> usize {
+    pool_size
+        .saturating_sub((pool_size / 4).max(1))
+        .clamp(1, Semaphore::MAX_PERMITS)
 }
 
 impl<S> Layer<S> for PgTransactionalLayer {

@@ -7,14 +7,21 @@
 //! in the same Postgres database as the versions, [`PgTransactionalLayer`] closes that
 //! gap. For each write it
 //!
-//! 1. checks a connection out of the pool and opens a `READ COMMITTED` transaction;
-//! 2. locks the resource's version row (`SELECT ... FOR UPDATE`, or inserts it for a
+//! 1. reads the request body (within a size limit and a read timeout; see
+//!    [`request_body`](PgTransactionalLayer::request_body)) — before anything else, so
+//!    a client that stalls mid-upload holds no connection, transaction or lock, and a
+//!    body that is cut off never reaches the handler;
+//! 2. takes one of the layer's permits for an open write transaction
+//!    ([`max_open_writes`](PgTransactionalLayer::max_open_writes)), so writes can never
+//!    hold every pooled connection;
+//! 3. checks a connection out of the pool and opens a `READ COMMITTED` transaction;
+//! 4. locks the resource's version row (`SELECT ... FOR UPDATE`, or inserts it for a
 //!    resource that has none: a concurrent create of the same key waits on the unique
 //!    index, then finds our row) — `BEGIN` and this statement share one round trip;
-//! 3. evaluates the preconditions against the locked version (`412` → `ROLLBACK`);
-//! 4. hands the open transaction to the handler as a [`PgTransaction`] (a request
+//! 5. evaluates the preconditions against the locked version (`412` → `ROLLBACK`);
+//! 6. hands the open transaction to the handler as a [`PgTransaction`] (a request
 //!    extension, and an axum extractor with the `axum` feature);
-//! 5. on a `2xx`, writes the new version (the handler's strong `ETag` if it set one, or
+//! 7. on a `2xx`, writes the new version (the handler's strong `ETag` if it set one, or
 //!    a fresh one) and commits — the write and `COMMIT` share one round trip; on
 //!    anything else (a `4xx`, a `5xx`, an error, a missed deadline, a dropped request)
 //!    it rolls back.
@@ -88,6 +95,25 @@
 //! A row with a live lease (a [`PreconditionLayer`](crate::PreconditionLayer) write in
 //! flight on the same table) gets `409`. A lease whose writer died is taken over as the
 //! store-mode layer does: the resource gets a fresh version, so every old tag fails.
+//!
+//! # Slow clients
+//!
+//! A write holds a pooled connection, an open transaction and its row's lock from
+//! `BEGIN` to `COMMIT`. Reading the body first keeps a slow or stalled upload out of
+//! that window: it gets `408` after the read timeout, and meanwhile a valid write of
+//! the same resource goes through. A body over the limit gets `413` (without being
+//! read, when its `Content-Length` says so), and one that fails or ends short of its
+//! `Content-Length` gets `400`: nothing is begun for any of them.
+//!
+//! [Streaming the body](crate::RequestBodyConfig::streaming) into the handler instead
+//! brings the window back: each stalled upload holds its connection and row lock (other
+//! writers of the resource get `409` after `lock_timeout`) until the handler's
+//! deadline. The cap on open write transactions
+//! ([`max_open_writes`](PgTransactionalLayer::max_open_writes), by default three
+//! quarters of the pool) then bounds the damage: slow clients can take every permit,
+//! so further writes get `503` with `Retry-After` after
+//! [`write_queue_timeout`](PgTransactionalLayer::write_queue_timeout), but reads and
+//! the app's other queries keep the rest of the pool.
 //!
 //! # Timeouts
 //!

@@ -9,11 +9,16 @@ use http::{Request, Response};
 use tower_layer::Layer;
 use tower_service::Service;
 
-use super::{future::ResponseFuture, layer::TxConfig, tx};
+use super::{
+    future::{ResponseFuture, WriteCtx},
+    layer::TxConfig,
+    tx,
+};
 use crate::{
     admission::{admit, Admission},
     body::ResponseBody,
     evaluate::is_read,
+    request_body::BufferableBody,
     PreconditionLayer,
 };
 
@@ -62,6 +67,7 @@ impl<S, ReqBody, ResBody> Service<Request<ReqBody>> for PgTransactionalService<S
 where
     S: Service<Request<ReqBody>, Response = Response<ResBody>> + Clone,
     S::Error: Send + 'static,
+    ReqBody: BufferableBody,
     ResBody: Send + 'static,
 {
     type Response = Response<ResponseBody<ResBody>>;
@@ -100,14 +106,20 @@ where
             } => (request, key, pre),
         };
 
-        let begin = tx::begin(self.config.clone(), key.clone(), method.clone(), pre);
-        ResponseFuture::write(
-            Box::pin(begin),
-            inner,
-            request,
+        let begin = Box::pin(tx::begin(
             self.config.clone(),
-            key,
-            method,
-        )
+            key.clone(),
+            method.clone(),
+            pre,
+        ));
+        let ctx = WriteCtx::new(self.config.clone(), key, method);
+        if self.config.body.is_streaming() {
+            return ResponseFuture::write(begin, inner, request, ctx);
+        }
+        // The body first: nothing is begun (no permit, no connection, no row lock)
+        // until it is in hand.
+        let (parts, body) = request.into_parts();
+        let collect = self.config.body.collect(&parts.headers, body);
+        ResponseFuture::buffered(collect, begin, inner, parts, ctx)
     }
 }

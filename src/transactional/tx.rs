@@ -12,7 +12,7 @@ use std::{
 
 use deadpool_postgres::Object;
 use http::Method;
-use tokio::sync::Mutex;
+use tokio::sync::{Mutex, OwnedSemaphorePermit, TryAcquireError};
 use tokio_postgres::{error::SqlState, types::ToSql};
 
 use super::{layer::TxConfig, PgTransaction};
@@ -75,6 +75,9 @@ pub(crate) struct TxOwner {
     conn: SharedConn,
     finished: bool,
     timeout: Duration,
+    /// One of the layer's open-write permits, given back once the transaction is over
+    /// (after the `ROLLBACK` of an abandoned write, too).
+    permit: Option<OwnedSemaphorePermit>,
 }
 
 /// How a commit ended.
@@ -94,13 +97,14 @@ pub(crate) enum Final {
 }
 
 impl TxOwner {
-    fn new(object: Object, timeout: Duration) -> Self {
+    fn new(object: Object, timeout: Duration, permit: OwnedSemaphorePermit) -> Self {
         Self {
             conn: Arc::new(Mutex::new(Some(TxConn {
                 object: Some(object),
             }))),
             finished: false,
             timeout,
+            permit: Some(permit),
         }
     }
 
@@ -127,7 +131,7 @@ impl TxOwner {
             tracing::error!(key, "transaction already finished before commit");
             return Committed::RolledBack;
         };
-        let timeout = self.timeout + config.statement_timeout;
+        let timeout = self.timeout.saturating_add(config.statement_timeout);
         match tokio::time::timeout(timeout, commit_conn(&conn, config, key, fin)).await {
             Ok(Ok(())) => {
                 conn.release();
@@ -161,6 +165,7 @@ impl Drop for TxOwner {
         }
         let conn = self.conn.clone();
         let timeout = self.timeout;
+        let permit = self.permit.take();
         match tokio::runtime::Handle::try_current() {
             Ok(runtime) => {
                 tracing::info!("write abandoned; rolling its transaction back");
@@ -170,6 +175,8 @@ impl Drop for TxOwner {
                     if let Some(conn) = taken {
                         rollback_conn(conn, timeout).await;
                     }
+                    // The connection is back (or closed): another write may begin.
+                    drop(permit);
                 });
             }
             Err(_) => {
@@ -281,15 +288,23 @@ pub(crate) async fn begin(
         tracing::warn!(key = &*key, %error, "database unavailable; refusing the write (503)");
         Problem::store_unavailable(config.retry_after)
     };
+    let permit = open_write_permit(&config).await.ok_or_else(|| {
+        tracing::warn!(
+            key = &*key,
+            max_open_writes = config.max_open_writes,
+            "every write transaction permit is taken; refusing the write (503)"
+        );
+        Problem::too_many_writes(config.retry_after)
+    })?;
     let object = with_timeout(config.store_timeout, async {
         config.store.pool().get().await.map_err(pool_error)
     })
     .await
     .map_err(unavailable)?;
     // From here on, an early return (or this future dropped) rolls back.
-    let owner = TxOwner::new(object, config.store_timeout);
+    let owner = TxOwner::new(object, config.store_timeout, permit);
 
-    let lock_deadline = config.store_timeout + config.lock_timeout;
+    let lock_deadline = config.store_timeout.saturating_add(config.lock_timeout);
     let locked = tokio::time::timeout(lock_deadline, lock_row(&owner, &config, &key)).await;
     let (created, entry) = match locked {
         Ok(Ok(row)) => row,
@@ -348,6 +363,23 @@ pub(crate) async fn begin(
         base,
         transaction,
     })
+}
+
+/// One of the layer's permits for an open write transaction, waiting at most
+/// `write_queue_timeout` for one; `None` if none came free.
+async fn open_write_permit(config: &TxConfig) -> Option<OwnedSemaphorePermit> {
+    let permits = config.open_writes.clone();
+    match permits.clone().try_acquire_owned() {
+        Ok(permit) => Some(permit),
+        // The layer never closes its semaphore.
+        Err(TryAcquireError::Closed) => None,
+        Err(TryAcquireError::NoPermits) => {
+            tokio::time::timeout(config.write_queue_timeout, permits.acquire_owned())
+                .await
+                .ok()?
+                .ok()
+        }
+    }
 }
 
 enum LockError {
