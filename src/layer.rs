@@ -297,6 +297,13 @@ impl PreconditionLayer {
         self
     }
 
+    /// The transactional layer's reads share its access check.
+    #[cfg(feature = "postgres")]
+    pub(crate) fn with_access(mut self, access: Option<Arc<AccessFn>>) -> Self {
+        self.config.access = access;
+        self
+    }
+
     /// The `Retry-After` sent with `409` and `503`, in whole seconds rounded up (at
     /// least 1). At most 365 days.
     pub fn retry_after(mut self, delay: Duration) -> Self {

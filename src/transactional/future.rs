@@ -40,7 +40,7 @@ use crate::{
     fresh::fresh_etag,
     future::{strong_etag, take_pair},
     request_body::{BufferableBody, CollectBody},
-    response::{remove_validators, set_validators, Problem},
+    response::{remove_validators, set_validators, Early, Problem},
     store::Version,
 };
 
@@ -78,7 +78,7 @@ pin_project! {
             next: Option<Box<Collected<S>>>,
         },
         Beginning {
-            begin: BoxFuture<Result<Started, Problem>>,
+            begin: BoxFuture<Result<Started, Early>>,
             inner: Option<S>,
             request: Option<Request<ReqBody>>,
         },
@@ -89,7 +89,7 @@ pin_project! {
 
 /// What a buffered write needs once its body is in hand.
 struct Collected<S> {
-    begin: BoxFuture<Result<Started, Problem>>,
+    begin: BoxFuture<Result<Started, Early>>,
     inner: S,
     parts: Parts,
 }
@@ -137,7 +137,7 @@ where
     /// A write whose body is streamed: the transaction begins at once, and the handler
     /// reads the body inside it.
     pub(crate) fn write(
-        begin: BoxFuture<Result<Started, Problem>>,
+        begin: BoxFuture<Result<Started, Early>>,
         inner: S,
         request: Request<ReqBody>,
         ctx: WriteCtx,
@@ -153,7 +153,7 @@ where
     /// A write whose body is collected first; the transaction begins once it is in hand.
     pub(crate) fn buffered(
         collect: CollectBody<ReqBody>,
-        begin: BoxFuture<Result<Started, Problem>>,
+        begin: BoxFuture<Result<Started, Early>>,
         inner: S,
         parts: Parts,
         ctx: WriteCtx,

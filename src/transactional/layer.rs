@@ -8,6 +8,7 @@ use tower_layer::Layer;
 
 use super::service::PgTransactionalService;
 use crate::{
+    access::{access_fn, AccessFn},
     admission::{self, KeyFn, PreconditionPolicy},
     layer::MAX_DURATION,
     store::PostgresStore,
@@ -32,6 +33,8 @@ pub(crate) struct TxConfig {
     pub(crate) short_circuit_reads: bool,
     pub(crate) retry_after: Duration,
     pub(crate) body: RequestBodyConfig,
+    pub(crate) access: Option<Arc<AccessFn>>,
+    pub(crate) validators_on_412: bool,
     /// Permits for the write transactions open at once; shared by every service the
     /// layer builds (axum's `Router::layer` builds one per route).
     pub(crate) open_writes: Arc<Semaphore>,
@@ -148,6 +151,8 @@ impl PgTransactionalLayer {
                 short_circuit_reads: false,
                 retry_after: Duration::from_secs(1),
                 body: RequestBodyConfig::new(),
+                access: None,
+                validators_on_412: true,
                 open_writes: Arc::new(Semaphore::new(max_open_writes)),
                 max_open_writes,
                 write_queue_timeout: Duration::from_secs(1),
@@ -237,6 +242,27 @@ impl PgTransactionalLayer {
         self
     }
 
+    /// The application's own access decision, made before any precondition is
+    /// answered (and, for a write, before the transaction begins). See
+    /// [`PreconditionLayer::authorize`].
+    pub fn authorize<F, Fut>(mut self, check: F) -> Self
+    where
+        F: Fn(&Parts) -> Fut + Send + Sync + 'static,
+        Fut: std::future::Future<Output = Result<(), http::Response<bytes::Bytes>>>
+            + Send
+            + 'static,
+    {
+        self.config.access = Some(access_fn(check));
+        self
+    }
+
+    /// Whether a `412` carries the current `ETag` and `Last-Modified` (the default).
+    /// See [`PreconditionLayer::validators_on_412`].
+    pub fn validators_on_412(mut self, include: bool) -> Self {
+        self.config.validators_on_412 = include;
+        self
+    }
+
     /// How a write's request body is read: buffered before the transaction begins
     /// (the default: 2 MiB limit, 10 s read timeout), or streamed into the handler.
     /// See [`request_body`](crate::request_body).
@@ -296,6 +322,8 @@ impl PgTransactionalLayer {
             .store_timeout(self.config.store_timeout)
             .short_circuit_reads(self.config.short_circuit_reads)
             .retry_after(self.config.retry_after)
+            .validators_on_412(self.config.validators_on_412)
+            .with_access(self.config.access.clone())
     }
 }
 

@@ -15,10 +15,12 @@ use super::{
     tx,
 };
 use crate::{
+    access,
     admission::{admit, Admission},
     body::ResponseBody,
     evaluate::is_read,
     request_body::BufferableBody,
+    response::Early,
     PreconditionLayer,
 };
 
@@ -106,12 +108,21 @@ where
             } => (request, key, pre),
         };
 
-        let begin = Box::pin(tx::begin(
-            self.config.clone(),
-            key.clone(),
-            method.clone(),
-            pre,
-        ));
+        // The application decides access first (RFC 9110 section 13.2.1): nothing is
+        // begun for a request it refuses.
+        let (parts, body) = request.into_parts();
+        let check = access::start(self.config.access.as_ref(), &parts);
+        let request = Request::from_parts(parts, body);
+        let begin = {
+            let config = self.config.clone();
+            let (key, method) = (key.clone(), method.clone());
+            Box::pin(async move {
+                if let Some(check) = check {
+                    check.await.map_err(Early::Refused)?;
+                }
+                tx::begin(config, key, method, pre).await.map_err(Early::from)
+            })
+        };
         let ctx = WriteCtx::new(self.config.clone(), key, method);
         if self.config.body.is_streaming() {
             return ResponseFuture::write(begin, inner, request, ctx);

@@ -799,3 +799,122 @@ pub async fn run_require_preconditions_contract(example: &str, extra_env: &[(&st
     let deleted = http.delete(path, &if_match(&v2)).await;
     expect_status(s, "DELETE with If-Match", &deleted, StatusCode::NO_CONTENT);
 }
+
+// ---------------------------------------------------------------------------------------
+// The review's findings, against the example servers over real sockets
+// ---------------------------------------------------------------------------------------
+
+/// Opens a raw connection and sends the head of a `PUT path` announcing `announced`
+/// body bytes, then `sent` of them: a client that stalls (keep the stream) or is cut
+/// off (drop it).
+async fn partial_put(addr: SocketAddr, path: &str, extra: &str, announced: usize, sent: usize) -> tokio::net::TcpStream {
+    use tokio::io::AsyncWriteExt;
+    let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let head = format!(
+        "PUT {path} HTTP/1.1\r\nhost: {addr}\r\ncontent-type: application/json\r\n{extra}content-length: {announced}\r\n\r\n"
+    );
+    stream.write_all(head.as_bytes()).await.expect("send the head");
+    stream.write_all(&b"{\"name\":\"stalled\"".repeat(announced)[..sent]).await.expect("send part of the body");
+    stream.flush().await.expect("flush");
+    stream
+}
+
+/// Findings 8.1 and 7.4: while clients stall their uploads to an item, a valid
+/// conditional write of that item goes through; a body cut off mid-upload changes
+/// nothing and leaves the ETag valid.
+pub async fn run_stalled_upload_contract(example: &str, extra_env: &[(&str, &str)]) {
+    let server = ExampleServer::start(example, extra_env).await;
+    let client = HttpClient::for_server(&server);
+    let path = format!("/items/{}", unique_id("stall"));
+    let created = client.put(&path, &[], &json!({"name": "lamp"})).await;
+    expect_success(&server, "create", &created);
+    let tag = etag_of("create", &client.get(&path, &[]).await);
+
+    // Ten clients send the head of a conditional PUT and part of its body, then stall.
+    let header = format!("if-match: {tag}\r\n");
+    let mut stalled = Vec::new();
+    for _ in 0..10 {
+        stalled.push(partial_put(server.addr(), &path, &header, 200, 20).await);
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let started = Instant::now();
+    let write = client.put(&path, &if_match(&tag), &json!({"name": "desk"})).await;
+    expect_success(&server, "a valid write while uploads stall", &write);
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "the valid write waited {:?} behind stalled uploads",
+        started.elapsed()
+    );
+    let tag = etag_of("the write", &write);
+    drop(stalled);
+
+    // A body cut off mid-upload: nothing changes, and the current ETag stays valid.
+    let header = format!("if-match: {tag}\r\n");
+    drop(partial_put(server.addr(), &path, &header, 200, 30).await);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let read = client.get(&path, &[]).await;
+    assert_eq!(read.json()["name"], json!("desk"), "a cut-off body was written");
+    assert_eq!(read.etag().as_deref(), Some(tag.as_str()), "a cut-off body changed the version");
+    let write = client.put(&path, &if_match(&tag), &json!({"name": "chair"})).await;
+    expect_success(&server, "a write with the ETag from before the cut-off body", &write);
+    expect_success(&server, "cleanup", &client.delete(&path, &[]).await);
+}
+
+/// Finding 7.1 against the example: `/items/<id>` and a percent-encoded alias of it are
+/// one item with one version.
+pub async fn run_alias_contract(example: &str, extra_env: &[(&str, &str)]) {
+    let server = ExampleServer::start(example, extra_env).await;
+    let client = HttpClient::for_server(&server);
+    let id = unique_id("alias");
+    let path = format!("/items/{id}");
+    // Percent-encode every character of the id: unreserved, so the same resource.
+    let alias: String = id.bytes().map(|b| format!("%{b:02x}")).collect();
+    let alias = format!("/items/{alias}");
+    expect_success(&server, "create", &client.put(&path, &[], &json!({"n": 0})).await);
+    let tag = etag_of("read", &client.get(&path, &[]).await);
+    let alias_tag = etag_of("read via the alias", &client.get(&alias, &[]).await);
+    assert_eq!(tag, alias_tag, "one item, two versions");
+    let first = client.put(&alias, &if_match(&tag), &json!({"n": 1})).await;
+    expect_success(&server, "write via the alias", &first);
+    let second = client.put(&path, &if_match(&tag), &json!({"n": 2})).await;
+    expect_status(&server, "the same ETag via the plain path", &second, StatusCode::PRECONDITION_FAILED);
+    expect_success(&server, "cleanup", &client.delete(&path, &[]).await);
+}
+
+/// Finding 8.2 against the example: an item with an `"owner"` is its owner's alone, and
+/// a stranger's conditional read or write learns nothing from a precondition.
+pub async fn run_hidden_resource_contract(example: &str, extra_env: &[(&str, &str)]) {
+    let server = ExampleServer::start(example, extra_env).await;
+    let client = HttpClient::for_server(&server);
+    let path = format!("/items/{}", unique_id("hidden"));
+    let alice = [(header::AUTHORIZATION, "Bearer alice")];
+    expect_success(
+        &server,
+        "alice creates her item",
+        &client.put(&path, &alice, &json!({"owner": "alice", "note": "secret"})).await,
+    );
+    let tag = etag_of("alice reads", &client.get(&path, &alice).await);
+    let no_validators = |what: &str, reply: &Reply| {
+        expect_status(&server, what, reply, StatusCode::NOT_FOUND);
+        assert!(reply.etag().is_none(), "{what}: an ETag was disclosed");
+        assert!(reply.header(header::LAST_MODIFIED).is_none(), "{what}: a date was disclosed");
+    };
+    let star = [(header::IF_NONE_MATCH, "*")];
+    no_validators("a stranger's If-None-Match: * read", &client.get(&path, &star).await);
+    let current = [(header::IF_NONE_MATCH, tag.as_str())];
+    no_validators("a stranger's revalidation", &client.get(&path, &current).await);
+    let bob = [(header::AUTHORIZATION, "Bearer bob"), (header::IF_MATCH, "\"stale\"")];
+    no_validators(
+        "a stranger's stale write",
+        &client.put(&path, &bob, &json!({"owner": "bob"})).await,
+    );
+    let create = [(header::AUTHORIZATION, "Bearer bob"), (header::IF_NONE_MATCH, "*")];
+    no_validators(
+        "a stranger's create over it",
+        &client.put(&path, &create, &json!({"owner": "bob"})).await,
+    );
+    // Alice's own revalidation still works.
+    let revalidate = [(header::AUTHORIZATION, "Bearer alice"), (header::IF_NONE_MATCH, tag.as_str())];
+    expect_status(&server, "alice revalidates", &client.get(&path, &revalidate).await, StatusCode::NOT_MODIFIED);
+    expect_success(&server, "cleanup", &client.delete(&path, &alice).await);
+}
