@@ -17,6 +17,10 @@
 //! (only if it does not exist yet); a stale one gets `412` with the current `ETag`.
 //! With `REQUIRE_PRECONDITIONS=1`, a write without a precondition gets `428`.
 //!
+//! An item with an `"owner"` field is private: only `Authorization: Bearer <owner>` sees
+//! or changes it; anyone else gets `404`, for reads and writes alike, before any
+//! precondition is looked at (no `304`, no `412`, no `ETag` to give it away).
+//!
 //! Items and versions both live in the database, so several processes started side by
 //! side (each on its own `ADDR`) serve one consistent set of items:
 //!
@@ -44,7 +48,9 @@ use axum::{
 };
 use deadpool_postgres::Pool;
 use serde_json::{json, Map, Value};
-use tower_precondition::{store::PostgresStore, PgTransaction, PgTransactionalLayer};
+use tower_precondition::{
+    key::canonical_path, store::PostgresStore, PgTransaction, PgTransactionalLayer,
+};
 use tracing_subscriber::EnvFilter;
 
 /// The items table. The versions table is the store's (`tower_precondition_versions`).
@@ -223,10 +229,72 @@ async fn delete_item(Path(id): Path<String>, tx: PgTransaction) -> Response {
     }
 }
 
+/// Who is asking: `Authorization: Bearer <name>`, or nobody.
+fn caller(headers: &HeaderMap) -> Option<String> {
+    let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
+    value.strip_prefix("Bearer ").map(str::to_owned)
+}
+
+/// The item id a request names, as the `Path` extractor will see it. Ids are plain
+/// (unreserved) characters here; a path that still holds a percent-encoding after
+/// canonicalisation names no item we could check, so it is refused.
+fn item_id(path: &str) -> Option<String> {
+    let path = canonical_path(path);
+    let id = path.strip_prefix("/items/")?;
+    (!id.contains('%') && !id.contains('/')).then(|| id.to_owned())
+}
+
+/// Whether `caller` may see item `id`: an item with an `"owner"` field is its owner's
+/// alone; anyone else is told it does not exist.
+async fn visible(pool: &Pool, id: &str, caller: Option<&str>) -> Result<bool, Response> {
+    let client = pool.get().await.map_err(database_error)?;
+    let sql = format!("SELECT body->>'owner' FROM {ITEMS} WHERE id = $1");
+    let owner: Option<Option<String>> = client
+        .query_opt(&sql, &[&id])
+        .await
+        .map_err(database_error)?
+        .map(|row| row.get(0));
+    Ok(match owner.flatten() {
+        Some(owner) => caller == Some(owner.as_str()),
+        None => true,
+    })
+}
+
+/// An axum response with its body collected, as the access check hands it back.
+async fn refusal(response: Response) -> axum::http::Response<Bytes> {
+    let (parts, body) = response.into_parts();
+    let bytes = axum::body::to_bytes(body, 64 * 1024)
+        .await
+        .unwrap_or_default();
+    axum::http::Response::from_parts(parts, bytes)
+}
+
 /// The application: the routes, wrapped in the transactional layer.
 fn app(store: PostgresStore, require_preconditions: bool) -> Router {
     let pool = store.pool().clone();
-    let layer = PgTransactionalLayer::new(store).require_precondition(require_preconditions);
+    let layer = PgTransactionalLayer::new(store)
+        .require_precondition(require_preconditions)
+        // The application decides who may see an item before any precondition is
+        // answered (and before a transaction is begun): a stranger gets the 404 of a
+        // missing item, never a 304 or a 412 that would tell them it exists.
+        .authorize({
+            let pool = pool.clone();
+            move |parts| {
+                let pool = pool.clone();
+                let id = item_id(parts.uri.path());
+                let caller = caller(&parts.headers);
+                async move {
+                    let Some(id) = id else {
+                        return Err(refusal(not_found("(not a plain id)")).await);
+                    };
+                    match visible(&pool, &id, caller.as_deref()).await {
+                        Ok(true) => Ok(()),
+                        Ok(false) => Err(refusal(not_found(&id)).await),
+                        Err(response) => Err(refusal(response).await),
+                    }
+                }
+            }
+        });
     Router::new()
         .route(
             "/items/{id}",
@@ -236,9 +304,9 @@ fn app(store: PostgresStore, require_preconditions: bool) -> Router {
                 .delete(delete_item),
         )
         .with_state(pool)
-        // The resource key is the request path (the default), so each item is
-        // versioned on its own.
-        .layer(layer)
+        // `route_layer`: only matched routes are versioned, so an unknown path is a
+        // plain 404 and never gets a version.
+        .route_layer(layer)
 }
 
 /// Creates the tables if needed. Safe when several processes start at once: the

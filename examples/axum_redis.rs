@@ -19,6 +19,10 @@
 //! With `REQUIRE_PRECONDITIONS=1`, a write without a precondition gets `428`. While
 //! Redis is unreachable, writes get `503` and never reach a handler.
 //!
+//! An item with an `"owner"` field is private: only `Authorization: Bearer <owner>` sees
+//! or changes it; anyone else gets `404`, for reads and writes alike, before any
+//! precondition is looked at (no `304`, no `412`, no `ETag` to give it away).
+//!
 //! ```text
 //! ADDR=127.0.0.1:3001 cargo run --features redis --example axum_redis &
 //! ADDR=127.0.0.1:3002 cargo run --features redis --example axum_redis &
@@ -46,7 +50,7 @@ use axum::{
 };
 use redis::{aio::ConnectionManager, AsyncCommands, ExistenceCheck, SetOptions};
 use serde_json::{json, Map, Value};
-use tower_precondition::{store::RedisStore, PreconditionLayer, Reservation};
+use tower_precondition::{key::canonical_path, store::RedisStore, PreconditionLayer, Reservation};
 use tracing_subscriber::EnvFilter;
 
 /// Where the items live: the store's connection, and its key layout.
@@ -56,10 +60,28 @@ struct Items {
 }
 
 impl Items {
-    /// The Redis key of the item at `uri`. The layer keys versions by request path
-    /// (its default), so the item sits next to its version, in the same slot.
+    /// The Redis key of the item at `uri`. The layer keys versions by the canonical
+    /// request path (its default), and so do we: `/items/%31` is `/items/1`, one item
+    /// next to its one version, in the same slot.
     fn key(&self, uri: &Uri) -> String {
-        format!("{}:item", self.store.redis_key(uri.path()))
+        self.key_of_path(uri.path())
+    }
+
+    fn key_of_path(&self, path: &str) -> String {
+        format!("{}:item", self.store.redis_key(&canonical_path(path)))
+    }
+
+    /// Whether `caller` may see the item at `path`: an item with an `"owner"` field is
+    /// its owner's alone. `Err` when Redis fails (the layer's own store will too).
+    async fn visible(&self, path: &str, caller: Option<&str>) -> Result<bool, redis::RedisError> {
+        let stored: Option<String> = self.connection().get(self.key_of_path(path)).await?;
+        let owner = stored
+            .and_then(|text| serde_json::from_str::<Value>(&text).ok())
+            .and_then(|item| item.get("owner").cloned());
+        Ok(match owner {
+            Some(owner) => caller.is_some_and(|caller| owner.as_str() == Some(caller)),
+            None => true,
+        })
     }
 
     fn connection(&self) -> ConnectionManager {
@@ -251,9 +273,48 @@ async fn delete_item(uri: Uri, State(items): State<Items>) -> Response {
     }
 }
 
+/// Who is asking: `Authorization: Bearer <name>`, or nobody.
+fn caller(headers: &HeaderMap) -> Option<String> {
+    let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
+    value.strip_prefix("Bearer ").map(str::to_owned)
+}
+
+/// An axum response with its body collected, as the access check hands it back.
+async fn refusal(response: Response) -> axum::http::Response<Bytes> {
+    let (parts, body) = response.into_parts();
+    let bytes = axum::body::to_bytes(body, 64 * 1024)
+        .await
+        .unwrap_or_default();
+    axum::http::Response::from_parts(parts, bytes)
+}
+
 /// The application: the routes, wrapped in the precondition layer over `store`.
 fn app(store: RedisStore, require_preconditions: bool) -> Router {
-    let layer = PreconditionLayer::new(store.clone()).require_precondition(require_preconditions);
+    let items = Items {
+        store: store.clone(),
+    };
+    let layer = PreconditionLayer::new(store)
+        .require_precondition(require_preconditions)
+        // The application decides who may see an item before any precondition is
+        // answered: a stranger gets the 404 of a missing item, never a 304 or a 412
+        // that would tell them it exists (and its current ETag).
+        .authorize({
+            let items = items.clone();
+            move |parts| {
+                let items = items.clone();
+                let path = parts.uri.path().to_owned();
+                let caller = caller(&parts.headers);
+                async move {
+                    match items.visible(&path, caller.as_deref()).await {
+                        Ok(true) => Ok(()),
+                        Ok(false) => {
+                            Err(refusal(not_found(&path.parse().unwrap_or_default())).await)
+                        }
+                        Err(error) => Err(refusal(redis_failed(error)).await),
+                    }
+                }
+            }
+        });
     Router::new()
         .route(
             "/items/{id}",
@@ -262,10 +323,10 @@ fn app(store: RedisStore, require_preconditions: bool) -> Router {
                 .patch(patch_item)
                 .delete(delete_item),
         )
-        .with_state(Items { store })
-        // The resource key is the request path (the default), so each item is
-        // versioned on its own.
-        .layer(layer)
+        .with_state(items)
+        // `route_layer`: only matched routes are versioned, so an unknown path is a
+        // plain 404 and never gets a version.
+        .route_layer(layer)
 }
 
 #[tokio::main]

@@ -53,6 +53,42 @@ async fn axum_redis_requires_preconditions_when_asked() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn axum_redis_lets_a_valid_write_through_while_uploads_stall() {
+    let Some((url, prefix, _cleanup)) = redis_env().await else {
+        return;
+    };
+    let env = [
+        ("REDIS_URL", url.as_str()),
+        ("REDIS_PREFIX", prefix.as_str()),
+    ];
+    items_contract::run_stalled_upload_contract("axum_redis", &env).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn axum_redis_keys_an_alias_path_to_the_same_item() {
+    let Some((url, prefix, _cleanup)) = redis_env().await else {
+        return;
+    };
+    let env = [
+        ("REDIS_URL", url.as_str()),
+        ("REDIS_PREFIX", prefix.as_str()),
+    ];
+    items_contract::run_alias_contract("axum_redis", &env).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn axum_redis_hides_a_private_item_from_preconditions() {
+    let Some((url, prefix, _cleanup)) = redis_env().await else {
+        return;
+    };
+    let env = [
+        ("REDIS_URL", url.as_str()),
+        ("REDIS_PREFIX", prefix.as_str()),
+    ];
+    items_contract::run_hidden_resource_contract("axum_redis", &env).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_processes_serve_one_consistent_set_of_items() {
     const RACERS: usize = 24;
     let Some((url, prefix, _cleanup)) = redis_env().await else {

@@ -248,9 +248,8 @@ impl PgTransactionalLayer {
     pub fn authorize<F, Fut>(mut self, check: F) -> Self
     where
         F: Fn(&Parts) -> Fut + Send + Sync + 'static,
-        Fut: std::future::Future<Output = Result<(), http::Response<bytes::Bytes>>>
-            + Send
-            + 'static,
+        Fut:
+            std::future::Future<Output = Result<(), http::Response<bytes::Bytes>>> + Send + 'static,
     {
         self.config.access = Some(access_fn(check));
         self

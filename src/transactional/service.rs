@@ -120,7 +120,9 @@ where
                 if let Some(check) = check {
                     check.await.map_err(Early::Refused)?;
                 }
-                tx::begin(config, key, method, pre).await.map_err(Early::from)
+                tx::begin(config, key, method, pre)
+                    .await
+                    .map_err(Early::from)
             })
         };
         let ctx = WriteCtx::new(self.config.clone(), key, method);

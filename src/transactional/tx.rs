@@ -348,7 +348,11 @@ pub(crate) async fn begin(
             _ => owner.rollback().await,
         }
         tracing::info!(key = &*key, current = ?base.as_ref().map(Version::etag), "precondition failed (412)");
-        return Err(Problem::precondition_failed(base, &pre, config.validators_on_412));
+        return Err(Problem::precondition_failed(
+            base,
+            &pre,
+            config.validators_on_412,
+        ));
     }
 
     let transaction = PgTransaction::new(owner.conn().clone(), key.clone(), base.clone());

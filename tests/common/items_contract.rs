@@ -807,14 +807,26 @@ pub async fn run_require_preconditions_contract(example: &str, extra_env: &[(&st
 /// Opens a raw connection and sends the head of a `PUT path` announcing `announced`
 /// body bytes, then `sent` of them: a client that stalls (keep the stream) or is cut
 /// off (drop it).
-async fn partial_put(addr: SocketAddr, path: &str, extra: &str, announced: usize, sent: usize) -> tokio::net::TcpStream {
+async fn partial_put(
+    addr: SocketAddr,
+    path: &str,
+    extra: &str,
+    announced: usize,
+    sent: usize,
+) -> tokio::net::TcpStream {
     use tokio::io::AsyncWriteExt;
     let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
     let head = format!(
         "PUT {path} HTTP/1.1\r\nhost: {addr}\r\ncontent-type: application/json\r\n{extra}content-length: {announced}\r\n\r\n"
     );
-    stream.write_all(head.as_bytes()).await.expect("send the head");
-    stream.write_all(&b"{\"name\":\"stalled\"".repeat(announced)[..sent]).await.expect("send part of the body");
+    stream
+        .write_all(head.as_bytes())
+        .await
+        .expect("send the head");
+    stream
+        .write_all(&b"{\"name\":\"stalled\"".repeat(announced)[..sent])
+        .await
+        .expect("send part of the body");
     stream.flush().await.expect("flush");
     stream
 }
@@ -838,7 +850,9 @@ pub async fn run_stalled_upload_contract(example: &str, extra_env: &[(&str, &str
     }
     tokio::time::sleep(Duration::from_millis(200)).await;
     let started = Instant::now();
-    let write = client.put(&path, &if_match(&tag), &json!({"name": "desk"})).await;
+    let write = client
+        .put(&path, &if_match(&tag), &json!({"name": "desk"}))
+        .await;
     expect_success(&server, "a valid write while uploads stall", &write);
     assert!(
         started.elapsed() < Duration::from_secs(3),
@@ -853,10 +867,24 @@ pub async fn run_stalled_upload_contract(example: &str, extra_env: &[(&str, &str
     drop(partial_put(server.addr(), &path, &header, 200, 30).await);
     tokio::time::sleep(Duration::from_millis(300)).await;
     let read = client.get(&path, &[]).await;
-    assert_eq!(read.json()["name"], json!("desk"), "a cut-off body was written");
-    assert_eq!(read.etag().as_deref(), Some(tag.as_str()), "a cut-off body changed the version");
-    let write = client.put(&path, &if_match(&tag), &json!({"name": "chair"})).await;
-    expect_success(&server, "a write with the ETag from before the cut-off body", &write);
+    assert_eq!(
+        read.json()["name"],
+        json!("desk"),
+        "a cut-off body was written"
+    );
+    assert_eq!(
+        read.etag().as_deref(),
+        Some(tag.as_str()),
+        "a cut-off body changed the version"
+    );
+    let write = client
+        .put(&path, &if_match(&tag), &json!({"name": "chair"}))
+        .await;
+    expect_success(
+        &server,
+        "a write with the ETag from before the cut-off body",
+        &write,
+    );
     expect_success(&server, "cleanup", &client.delete(&path, &[]).await);
 }
 
@@ -870,14 +898,23 @@ pub async fn run_alias_contract(example: &str, extra_env: &[(&str, &str)]) {
     // Percent-encode every character of the id: unreserved, so the same resource.
     let alias: String = id.bytes().map(|b| format!("%{b:02x}")).collect();
     let alias = format!("/items/{alias}");
-    expect_success(&server, "create", &client.put(&path, &[], &json!({"n": 0})).await);
+    expect_success(
+        &server,
+        "create",
+        &client.put(&path, &[], &json!({"n": 0})).await,
+    );
     let tag = etag_of("read", &client.get(&path, &[]).await);
     let alias_tag = etag_of("read via the alias", &client.get(&alias, &[]).await);
     assert_eq!(tag, alias_tag, "one item, two versions");
     let first = client.put(&alias, &if_match(&tag), &json!({"n": 1})).await;
     expect_success(&server, "write via the alias", &first);
     let second = client.put(&path, &if_match(&tag), &json!({"n": 2})).await;
-    expect_status(&server, "the same ETag via the plain path", &second, StatusCode::PRECONDITION_FAILED);
+    expect_status(
+        &server,
+        "the same ETag via the plain path",
+        &second,
+        StatusCode::PRECONDITION_FAILED,
+    );
     expect_success(&server, "cleanup", &client.delete(&path, &[]).await);
 }
 
@@ -891,30 +928,55 @@ pub async fn run_hidden_resource_contract(example: &str, extra_env: &[(&str, &st
     expect_success(
         &server,
         "alice creates her item",
-        &client.put(&path, &alice, &json!({"owner": "alice", "note": "secret"})).await,
+        &client
+            .put(&path, &alice, &json!({"owner": "alice", "note": "secret"}))
+            .await,
     );
     let tag = etag_of("alice reads", &client.get(&path, &alice).await);
     let no_validators = |what: &str, reply: &Reply| {
         expect_status(&server, what, reply, StatusCode::NOT_FOUND);
         assert!(reply.etag().is_none(), "{what}: an ETag was disclosed");
-        assert!(reply.header(header::LAST_MODIFIED).is_none(), "{what}: a date was disclosed");
+        assert!(
+            reply.header(header::LAST_MODIFIED).is_none(),
+            "{what}: a date was disclosed"
+        );
     };
     let star = [(header::IF_NONE_MATCH, "*")];
-    no_validators("a stranger's If-None-Match: * read", &client.get(&path, &star).await);
+    no_validators(
+        "a stranger's If-None-Match: * read",
+        &client.get(&path, &star).await,
+    );
     let current = [(header::IF_NONE_MATCH, tag.as_str())];
-    no_validators("a stranger's revalidation", &client.get(&path, &current).await);
-    let bob = [(header::AUTHORIZATION, "Bearer bob"), (header::IF_MATCH, "\"stale\"")];
+    no_validators(
+        "a stranger's revalidation",
+        &client.get(&path, &current).await,
+    );
+    let bob = [
+        (header::AUTHORIZATION, "Bearer bob"),
+        (header::IF_MATCH, "\"stale\""),
+    ];
     no_validators(
         "a stranger's stale write",
         &client.put(&path, &bob, &json!({"owner": "bob"})).await,
     );
-    let create = [(header::AUTHORIZATION, "Bearer bob"), (header::IF_NONE_MATCH, "*")];
+    let create = [
+        (header::AUTHORIZATION, "Bearer bob"),
+        (header::IF_NONE_MATCH, "*"),
+    ];
     no_validators(
         "a stranger's create over it",
         &client.put(&path, &create, &json!({"owner": "bob"})).await,
     );
     // Alice's own revalidation still works.
-    let revalidate = [(header::AUTHORIZATION, "Bearer alice"), (header::IF_NONE_MATCH, tag.as_str())];
-    expect_status(&server, "alice revalidates", &client.get(&path, &revalidate).await, StatusCode::NOT_MODIFIED);
+    let revalidate = [
+        (header::AUTHORIZATION, "Bearer alice"),
+        (header::IF_NONE_MATCH, tag.as_str()),
+    ];
+    expect_status(
+        &server,
+        "alice revalidates",
+        &client.get(&path, &revalidate).await,
+        StatusCode::NOT_MODIFIED,
+    );
     expect_success(&server, "cleanup", &client.delete(&path, &alice).await);
 }
