@@ -90,7 +90,7 @@ impl PreconditionLayer {
     /// | write methods | `PUT`, `PATCH`, `DELETE` |
     /// | precondition policy on writes | [`PreconditionPolicy::Optional`] |
     /// | lease | 30 s |
-    /// | handler deadline | 25 s (always at most 80% of the lease) |
+    /// | handler deadline | 25 s (always inside the lease, judged by the store's clock) |
     /// | store timeout | 2 s |
     /// | matching reads answered `304` / `412` without running the handler | no: the handler decides first |
     /// | access check before preconditions ([`authorize`](Self::authorize)) | none |
@@ -182,17 +182,20 @@ impl PreconditionLayer {
         self
     }
 
-    /// How long a write holds its resource. A crashed process leaves a lease that
-    /// expires after this; the next write then takes it over with a fresh version.
+    /// How long a write holds its resource, on the store's clock. A crashed process
+    /// leaves a lease that expires after this; the next request then takes it over with
+    /// a fresh version.
     /// Clamped to between 10 ms and 365 days.
     pub fn lease(mut self, lease: Duration) -> Self {
         self.config.lease = lease.clamp(Duration::from_millis(10), MAX_DURATION);
         self
     }
 
-    /// The handler's deadline on a write. It is capped at 80% of the lease, so a lease
-    /// never expires while its handler still runs. A handler cut off by the deadline is
-    /// treated as a failed write: `503`, and the resource gets a fresh version.
+    /// The handler's deadline on a write. It is capped so that the handler ends while
+    /// the store's clock is surely short of the lease's expiry, with a fifth of the
+    /// lease left for the settle: a lease never expires while a handler that honours
+    /// cancellation still runs. A handler cut off by the deadline has an unknown
+    /// outcome: `503`, and the resource gets a fresh version (or, if it had none, none).
     /// At most 365 days.
     pub fn handler_timeout(mut self, timeout: Duration) -> Self {
         self.config.handler_timeout = timeout.min(MAX_DURATION);

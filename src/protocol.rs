@@ -325,6 +325,7 @@ impl Drop for WriteGuard {
 }
 
 /// A future bounded by `timeout`.
+#[cfg(feature = "postgres")]
 pub(crate) async fn with_timeout<T>(
     timeout: Duration,
     call: impl Future<Output = Result<T, StoreError>>,

@@ -71,8 +71,8 @@
 //! connection. A read sees only committed versions, and since a version is committed
 //! with its data, a read's `ETag` is never newer than its body. Reads take no lock, with
 //! two rare exceptions that wait for a write of the same resource to finish: a read
-//! that gives a resource its first version, and a `404` read that clears the version
-//! of a resource that is gone.
+//! that gives a resource its first version, and the same read taking that version back
+//! when its handler does not answer `2xx`. No read removes a version a write committed.
 //!
 //! # Round trips and commits per write
 //!
