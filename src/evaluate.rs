@@ -171,8 +171,9 @@ pub fn evaluate(method: &Method, pre: &Preconditions, current: Option<&Version>)
         // resource exists (a fallback page answers 200 too): `If-None-Match: *` on a
         // write is then left to the handler's own conditional insert, or a seed could
         // turn every later create of that resource into a 412.
-        let existence_unknown =
-            !read && matches!(if_none_match, TagList::Any) && current.is_some_and(Version::is_seeded);
+        let existence_unknown = !read
+            && matches!(if_none_match, TagList::Any)
+            && current.is_some_and(Version::is_seeded);
         let matched =
             !existence_unknown && current.is_some_and(|v| if_none_match.weak_match(v.etag()));
         if matched {

@@ -3,10 +3,7 @@
 
 mod redis_support;
 
-use std::{
-    sync::Arc,
-    time::{Duration, SystemTime},
-};
+use std::{sync::Arc, time::Duration};
 
 use redis::AsyncCommands;
 use redis_support::{call, default_items_app, raw_connection, redis_url, shared_store};
@@ -113,10 +110,8 @@ async fn leases_expire_inside_redis_and_committed_versions_do_not() {
     let ttl: i64 = con.pttl(&rkey).await.expect("pttl");
     assert_eq!(ttl, -1, "a committed entry has no time to live");
 
-    let lease = Lease::new(
-        LeaseToken::random(),
-        SystemTime::now() + Duration::from_secs(30),
-    );
+    let now = store.clock_millis().await.expect("clock");
+    let lease = Lease::from_parts(LeaseToken::random(), now + 30_000);
     let leased = Entry::from_parts(v1.version().cloned(), Some(lease)).expect("entry");
     store
         .compare_and_set(key, Some(&v1), Some(&leased))
@@ -141,9 +136,9 @@ async fn leases_expire_inside_redis_and_committed_versions_do_not() {
     let short = store.clone().lease_grace(Duration::from_millis(50));
     let abandoned = Entry::from_parts(
         v2.version().cloned(),
-        Some(Lease::new(
+        Some(Lease::from_parts(
             LeaseToken::random(),
-            SystemTime::now() + Duration::from_millis(100),
+            store.clock_millis().await.expect("clock") + 100,
         )),
     )
     .expect("entry");
@@ -186,9 +181,9 @@ async fn crash_while_writing(store: &RedisStore, key: &str, millis: u64) {
     let current = store.load(key).await.expect("load").expect("entry");
     let crashed = Entry::from_parts(
         current.version().cloned(),
-        Some(Lease::new(
+        Some(Lease::from_parts(
             LeaseToken::random(),
-            SystemTime::now() + Duration::from_millis(millis),
+            store.clock_millis().await.expect("clock") + millis,
         )),
     )
     .expect("entry");
@@ -356,10 +351,8 @@ async fn a_replayed_script_call_is_applied_not_a_conflict() {
     };
     let key = "/items/replay";
     let a = committed("a");
-    let lease = Lease::new(
-        LeaseToken::random(),
-        SystemTime::now() + Duration::from_secs(30),
-    );
+    let now = store.clock_millis().await.expect("clock");
+    let lease = Lease::from_parts(LeaseToken::random(), now + 30_000);
     let reserved = Entry::from_parts(a.version().cloned(), Some(lease)).expect("entry");
     store
         .compare_and_set(key, None, Some(&a))

@@ -232,11 +232,38 @@ return current
 static SCRIPT: LazyLock<redis::Script> =
     LazyLock::new(|| redis::Script::new(COMPARE_AND_SET_SCRIPT));
 
+/// The Lua script behind [`RedisStore::clock_millis`], run with `EVALSHA`.
+///
+/// `KEYS[1]` is the store's clock key ([`RedisStore::clock_key`]). It reads the server's
+/// `TIME` in milliseconds and answers the larger of that and the highest time it
+/// answered before (kept in the clock key), so the clock never goes backwards, even
+/// when the server's wall clock steps back.
+pub const CLOCK_SCRIPT: &str = r"
+-- Redis before 5 replicates scripts verbatim, which forbids a write after TIME.
+if redis.replicate_commands then redis.replicate_commands() end
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local stored = redis.call('GET', KEYS[1])
+local last = 0
+if stored then
+  last = tonumber(stored)
+  if not last or last < 0 or last ~= math.floor(last) then
+    return redis.error_reply('the clock key holds no time')
+  end
+end
+if last >= now then return last end
+redis.call('SET', KEYS[1], string.format('%d', now))
+return now
+";
+
+static CLOCK: LazyLock<redis::Script> = LazyLock::new(|| redis::Script::new(CLOCK_SCRIPT));
+
 const FIELD_ETAG: &str = "etag";
 const FIELD_MODIFIED: &str = "modified";
 const FIELD_AMBIGUOUS: &str = "ambiguous";
 const FIELD_LEASE: &str = "lease";
 const FIELD_EXPIRES: &str = "expires";
+const FIELD_SEEDED: &str = "seeded";
 
 /// The default key prefix.
 pub const DEFAULT_PREFIX: &str = "precondition:";
@@ -391,6 +418,16 @@ impl<C> RedisStore<C> {
         out
     }
 
+    /// The Redis key of the store's clock: `<prefix>{\clock}`. Every
+    /// [`clock_millis`](AtomicVersionStore::clock_millis) call names it, so in a cluster
+    /// they all go to the one node that serves its slot, and every process judges every
+    /// lease by that node's clock. No resource key escapes to `\clock` (an escaped
+    /// key's backslash is always followed by `\`, `(` or `)`), so the clock never
+    /// collides with an entry, nor with data kept at an entry's key plus a suffix.
+    pub fn clock_key(&self) -> String {
+        format!("{}{{\\clock}}", self.prefix)
+    }
+
     /// The time to live of a new entry, in milliseconds; 0 for none.
     fn ttl_millis(&self, entry: &Entry) -> u64 {
         let millis = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
@@ -441,33 +478,76 @@ where
         expected: Option<&Entry>,
         new: Option<&Entry>,
     ) -> Result<CasOutcome, StoreError> {
-        let call = |verb: &str, script: &[u8]| {
-            let mut cmd = redis::cmd(verb);
-            cmd.arg(script).arg(1).arg(self.redis_key(key));
-            push_entry(&mut cmd, expected);
-            push_entry(&mut cmd, new);
-            cmd.arg(new.map_or(0, |entry| self.ttl_millis(entry)));
-            cmd
-        };
-
-        let mut connection = self.connection.clone();
-        let evalsha = call("EVALSHA", SCRIPT.get_hash().as_bytes());
-        let reply = match evalsha.query_async::<Value>(&mut connection).await {
-            Err(e) if e.kind() == ErrorKind::Server(ServerErrorKind::NoScript) => {
-                // Redis lost its script cache (restart, failover, SCRIPT FLUSH); the call
-                // did not run. EVAL sends the script with the call, so it cannot miss the
-                // cache again (as SCRIPT LOAD + EVALSHA could, if flushed in between),
-                // and it puts the script back in the cache for the next EVALSHA.
-                tracing::info!("Redis had no compare-and-set script; sending it with EVAL");
-                call("EVAL", COMPARE_AND_SET_SCRIPT.as_bytes())
-                    .query_async::<Value>(&mut connection)
-                    .await
-            }
-            other => other,
-        }
-        .map_err(|e| store_error("compare-and-set script failed", e))?;
+        let reply = eval(
+            &self.connection,
+            &SCRIPT,
+            COMPARE_AND_SET_SCRIPT,
+            "compare-and-set",
+            |cmd| {
+                cmd.arg(1).arg(self.redis_key(key));
+                push_entry(cmd, expected);
+                push_entry(cmd, new);
+                cmd.arg(new.map_or(0, |entry| self.ttl_millis(entry)));
+            },
+        )
+        .await?;
         decode_outcome(reply)
     }
+
+    async fn clock_millis(&self) -> Result<u64, StoreError> {
+        let reply = eval(&self.connection, &CLOCK, CLOCK_SCRIPT, "clock", |cmd| {
+            cmd.arg(1).arg(self.clock_key());
+        })
+        .await?;
+        match reply {
+            Value::Int(millis) => u64::try_from(millis)
+                .ok()
+                .filter(|&m| m > 0)
+                .ok_or_else(|| StoreError::corrupt("the clock script answered a time before 1970")),
+            _ => Err(StoreError::corrupt(
+                "the clock script answered a non-integer",
+            )),
+        }
+    }
+}
+
+/// Runs `script` with `EVALSHA` (its keys and arguments added by `args`), falling back
+/// to `EVAL` with its `source` when the server has no such script.
+async fn eval<C>(
+    connection: &C,
+    script: &redis::Script,
+    source: &str,
+    what: &str,
+    args: impl Fn(&mut Cmd),
+) -> Result<Value, StoreError>
+where
+    C: ConnectionLike + Clone + Send + Sync + 'static,
+{
+    let call = |verb: &str, script: &[u8]| {
+        let mut cmd = redis::cmd(verb);
+        cmd.arg(script);
+        args(&mut cmd);
+        cmd
+    };
+    let mut connection = connection.clone();
+    let evalsha = call("EVALSHA", script.get_hash().as_bytes());
+    match evalsha.query_async::<Value>(&mut connection).await {
+        Err(e) if e.kind() == ErrorKind::Server(ServerErrorKind::NoScript) => {
+            // Redis lost its script cache (restart, failover, SCRIPT FLUSH); the call
+            // did not run. EVAL sends the script with the call, so it cannot miss the
+            // cache again (as SCRIPT LOAD + EVALSHA could, if flushed in between),
+            // and it puts the script back in the cache for the next EVALSHA.
+            tracing::info!(
+                script = what,
+                "Redis had no such script; sending it with EVAL"
+            );
+            call("EVAL", source.as_bytes())
+                .query_async::<Value>(&mut connection)
+                .await
+        }
+        other => other,
+    }
+    .map_err(|e| store_error(&format!("{what} script failed"), e))
 }
 
 /// Appends an entry to a script call: its pair count, then its field/value pairs.
@@ -478,7 +558,9 @@ fn push_entry(cmd: &mut Cmd, entry: Option<&Entry>) {
     };
     let version = entry.version();
     let lease = entry.lease();
-    let pairs = 3 * usize::from(version.is_some()) + 2 * usize::from(lease.is_some());
+    let seeded = version.is_some_and(Version::is_seeded);
+    let pairs =
+        3 * usize::from(version.is_some()) + usize::from(seeded) + 2 * usize::from(lease.is_some());
     cmd.arg(pairs);
     if let Some(version) = version {
         cmd.arg(FIELD_ETAG)
@@ -491,6 +573,10 @@ fn push_entry(cmd: &mut Cmd, entry: Option<&Entry>) {
             } else {
                 "0"
             });
+        // Present only when true, so entries of unseeded versions keep their layout.
+        if seeded {
+            cmd.arg(FIELD_SEEDED).arg("1");
+        }
     }
     if let Some(lease) = lease {
         cmd.arg(FIELD_LEASE)
@@ -571,7 +657,7 @@ fn decode_entry(pairs: Pairs) -> Result<Option<Entry>, StoreError> {
     if pairs.is_empty() {
         return Ok(None);
     }
-    let mut fields: [Option<Vec<u8>>; 5] = Default::default();
+    let mut fields: [Option<Vec<u8>>; 6] = Default::default();
     for (field, value) in pairs {
         let slot = match field.as_slice() {
             f if f == FIELD_ETAG.as_bytes() => 0,
@@ -579,14 +665,24 @@ fn decode_entry(pairs: Pairs) -> Result<Option<Entry>, StoreError> {
             f if f == FIELD_AMBIGUOUS.as_bytes() => 2,
             f if f == FIELD_LEASE.as_bytes() => 3,
             f if f == FIELD_EXPIRES.as_bytes() => 4,
+            f if f == FIELD_SEEDED.as_bytes() => 5,
             _ => return Err(StoreError::corrupt("unknown field in a version entry")),
         };
         if fields[slot].replace(value).is_some() {
             return Err(StoreError::corrupt("repeated field in a version entry"));
         }
     }
-    let [etag, modified, ambiguous, lease, expires] = fields;
+    let [etag, modified, ambiguous, lease, expires, seeded] = fields;
+    // Written only as `1`, and only next to a version.
+    let seeded = match seeded.as_deref() {
+        None => false,
+        Some(b"1") => true,
+        Some(_) => return Err(StoreError::corrupt("invalid seeded flag")),
+    };
     let version = match (etag, modified, ambiguous) {
+        (None, None, None) if seeded => {
+            return Err(StoreError::corrupt("seeded flag without a version"))
+        }
         (None, None, None) => None,
         (Some(etag), Some(modified), Some(ambiguous)) => {
             let etag: String = etag.iter().map(|&b| char::from(b)).collect();
@@ -597,7 +693,7 @@ fn decode_entry(pairs: Pairs) -> Result<Option<Entry>, StoreError> {
                 b"1" => true,
                 _ => return Err(StoreError::corrupt("invalid ambiguity flag")),
             };
-            Version::from_parts(etag, decimal(&modified)?, ambiguous)
+            Version::from_parts(etag, decimal(&modified)?, ambiguous).map(|v| v.with_seeded(seeded))
         }
         _ => return Err(StoreError::corrupt("incomplete version")),
     };
@@ -685,7 +781,16 @@ mod tests {
             .version()
             .is_none());
 
-        let bad: [&[(&str, &[u8])]; 8] = [
+        let seeded = pairs(&[
+            ("etag", b"s"),
+            ("modified", b"1"),
+            ("ambiguous", b"0"),
+            ("seeded", b"1"),
+        ]);
+        let entry = decode_entry(seeded).unwrap().unwrap();
+        assert!(entry.version().unwrap().is_seeded());
+
+        let bad: [&[(&str, &[u8])]; 11] = [
             &[("etag", b"v"), ("modified", b"017"), ("ambiguous", b"0")],
             &[("etag", b"v"), ("modified", b"1"), ("ambiguous", b"2")],
             &[("etag", b"v"), ("modified", b"1")],
@@ -700,6 +805,24 @@ mod tests {
                 ("expires", b"1"),
             ],
             &[("other", b"x")],
+            // The seeded flag is written as `1` only, and only next to a version.
+            &[
+                ("etag", b"v"),
+                ("modified", b"1"),
+                ("ambiguous", b"0"),
+                ("seeded", b"0"),
+            ],
+            &[
+                ("etag", b"v"),
+                ("modified", b"1"),
+                ("ambiguous", b"0"),
+                ("seeded", b"yes"),
+            ],
+            &[
+                ("lease", b"0123456789abcdef0123456789abcdef"),
+                ("expires", b"1"),
+                ("seeded", b"1"),
+            ],
         ];
         for case in bad {
             let err = decode_entry(pairs(case)).unwrap_err();
