@@ -37,6 +37,7 @@
 //! | write (reserve, then settle) | 3 (`HGETALL`, `EVALSHA`, `EVALSHA`) |
 //! | write refused with `412` / `409` | 1 (`HGETALL`) |
 //! | a request that finds an expired lease | 1 more (`EVALSHA`: the takeover) |
+//! | the layer's clock sample, at most once a second per process | 1 (`EVALSHA`) |
 //!
 //! A compare-and-set that loses answers with the entry it found in the same reply, so a
 //! conflicting write costs no extra round trip to learn why.
@@ -58,17 +59,32 @@
 //! | `modified` | last-modified, seconds since the Unix epoch, decimal |
 //! | `ambiguous` | `1` if another version was committed in the same second, else `0` |
 //! | `lease` | while a write is in flight: its token, 32 lowercase hex digits |
-//! | `expires` | the lease's expiry, milliseconds since the Unix epoch, decimal |
+//! | `seeded` | `1` if a read, not a write, gave the version; absent otherwise |
+//! | `lease` | while a write is in flight: its token, 32 lowercase hex digits |
+//! | `expires` | the lease's expiry on the store's clock (below), ms, decimal; `0` for a release marker |
 //!
 //! A hash that is not exactly this (an unknown field, half a version, a number with a
-//! leading zero, a key of another type) is a [corrupt](StoreErrorKind::Corrupt) entry:
-//! the layer answers `503` rather than guess.
+//! leading zero, a `seeded` other than `1`, a key of another type) is a
+//! [corrupt](StoreErrorKind::Corrupt) entry: the layer answers `503` rather than guess.
+//!
+//! # The clock
+//!
+//! Leases are stamped and judged by the store's clock
+//! ([`clock_millis`](AtomicVersionStore::clock_millis)), never by an app host's: it is
+//! [`CLOCK_SCRIPT`], run on the store's clock key `<prefix>{\clock}`
+//! ([`RedisStore::clock_key`]). The script reads the server's `TIME` and answers the
+//! larger of that and the highest time it answered before, which it keeps in the
+//! clock key: the clock never goes backwards, even when the server's wall clock steps
+//! back (it then stands still until `TIME` catches up). Because the call names one
+//! fixed key, a cluster routes it to the one node that serves that key's slot, so every
+//! process, and every key whatever its node, is judged by the same clock. The layer
+//! samples it about once a second and extrapolates in between.
 //!
 //! # The script
 //!
 //! [`COMPARE_AND_SET_SCRIPT`] compares the stored hash, field by field and absent vs
 //! present, with the expected entry; on a match it replaces the hash by the new entry
-//! (or deletes it) and sets its time to live. On a mismatch it checks whether the
+//! (or deletes it). On a mismatch it checks whether the
 //! stored hash already *is* the new entry: then the call is a replay (a command re-sent
 //! after it had already run) and answers "applied", never a conflict. Otherwise it
 //! answers with the stored hash.
@@ -107,7 +123,12 @@
 //!
 //! Every command names exactly one key, the entry's: `HGETALL` and the script call
 //! (with the entry as its only `KEYS[1]`) go to the master of the entry's slot;
-//! redis-rs follows `MOVED` / `ASK` when slots move. Each node has its own script
+//! redis-rs follows `MOVED` / `ASK` when slots move. The clock call names the clock
+//! key, so every process reads the clock of the one master that serves its slot,
+//! whichever node holds the entry the lease is on. After a failover of that master,
+//! its replica's clock takes over, starting from the replicated high mark (the clock
+//! goes back only by what asynchronous replication lost, plus the wall-clock
+//! difference between the two hosts: keep them NTP-synchronised). Each node has its own script
 //! cache: the first call that reaches a node without the script gets `NOSCRIPT` from
 //! that node and is resent there as `EVAL`, so a new node, a failover or a
 //! `SCRIPT FLUSH` on any node costs one extra round trip to that node. The cluster
@@ -116,32 +137,33 @@
 //! store's connection: a lagging replica would answer a read with a version that was
 //! already replaced (a wrong `304`).
 //!
-//! # Leases expire inside Redis too
+//! # Nothing expires inside Redis
 //!
-//! An entry that holds a lease gets a time to live: the time left on the lease plus a
-//! grace ([`lease_grace`](RedisStore::lease_grace), one hour by default). An app that
-//! crashes mid-write therefore leaves nothing in Redis forever. Within the grace the
-//! layer's own rule applies: the next request (a write or a read) finds the expired
-//! lease and takes it over with a *fresh* version, so every old `ETag` fails. After the grace Redis drops the
-//! entry; that is safe too, because a missing entry matches no `If-Match` tag and no
-//! `If-Unmodified-Since` on a write (they get `412`), and a read of the resource seeds
-//! a new random version. The time to live is relative (computed by the app's clock, not
-//! an absolute time Redis would read with its own clock), so a clock difference between
-//! the app and Redis cannot drop a live lease; the grace is there to absorb clock
-//! differences between app hosts and to keep a crashed write visible for a while.
+//! The store never gives a key a time to live. An entry is the layer's memory of a
+//! write: removing it behind the layer's back loses what the layer must know. A lease
+//! whose writer crashed stands for a write of *unknown outcome*; it stays in Redis,
+//! expired, until the next request for the resource (a write or a read) takes it over
+//! with a fresh version, so every old `ETag` fails (invariant 3) and the resource is
+//! still known to exist (`If-None-Match: *` gets `412`, as with every other store). Had
+//! Redis dropped the entry instead, that create would pass. A committed version stays
+//! for the same reason: forgetting it forgets that the resource exists. A crashed
+//! process therefore leaves at most its in-flight leases, one small hash each, until
+//! the next request for those resources. A `DELETE` that succeeds removes its entry.
 //!
-//! A committed entry (no lease) never expires unless you ask for it with
-//! [`version_ttl`](RedisStore::version_ttl); a forgotten version is safe for the same
-//! reason as above.
+//! Keys written by versions of this crate that set a time to live (`lease_grace`,
+//! `version_ttl`) lose it at their next compare-and-set, which rewrites the hash.
 //!
 //! # Durability, replication and failover: what Redis can and cannot promise
 //!
 //! * **No persistence** (`--save "" --appendonly no`): a Redis restart forgets every
-//!   version. That is safe: every old `ETag` then fails with `412` (no entry matches
-//!   it) and reads seed new random versions. Leases are forgotten too, so a write that
-//!   was in flight during the restart is no longer fenced: handlers should make their
-//!   own writes conditional (the [`Reservation`](crate::Reservation) tells them what
-//!   they expect).
+//!   entry. No stale `ETag` can match (none matches a missing entry: `412`), and reads
+//!   seed new random versions. But what the entries knew is gone: the layer no longer
+//!   knows which resources exist (an `If-None-Match: *` create is then decided by the
+//!   handler's own conditional insert alone), and a write that was in flight during
+//!   the restart is no longer fenced by its lease (a second write can start; the first
+//!   one's settle then finds its lease gone and answers `503`, not `2xx`). Handlers
+//!   should make their own writes conditional (the [`Reservation`](crate::Reservation)
+//!   tells them what they expect), or use persistence as below.
 //! * **AOF with `appendfsync always`**: a restart loses nothing.
 //! * **RDB snapshots, or AOF with `appendfsync everysec`**: a restart may load an
 //!   *older* state, in which an older version is current again. An `ETag` that had
@@ -156,8 +178,15 @@
 //!   for data kept elsewhere. `WAIT` and `min-replicas-to-write` narrow that window but
 //!   do not close it. If the data lives in Postgres and no update may ever be lost, use
 //!   the Postgres store. Scripts are reloaded on the new primary transparently.
-//! * **Eviction**: a `maxmemory` policy that evicts these keys only forgets versions
-//!   (safe, as above); `noeviction` makes writes fail with `503` when memory is full.
+//! * **Eviction is not safe.** A `maxmemory` policy that evicts these keys
+//!   (`allkeys-lru`, `allkeys-lfu`, `allkeys-random`) can evict a *live lease*: a second
+//!   write of the same resource then starts while the first still runs, a lost update.
+//!   It can evict a version too (the resource's existence is forgotten, as after a
+//!   restart) or the clock key (the clock may then step back by as much as the server's
+//!   wall clock did). Use `noeviction` (the default; writes then fail closed with `503`
+//!   when memory is full), or a Redis of its own for this store. The `volatile-*`
+//!   policies evict only keys with a time to live, which this store never sets, so they
+//!   leave its keys alone.
 //!
 //! # Errors
 //!
@@ -171,7 +200,7 @@
 use std::{
     fmt,
     sync::{Arc, LazyLock},
-    time::{Duration, SystemTime},
+    time::Duration,
 };
 
 use redis::{
@@ -180,19 +209,18 @@ use redis::{
 };
 
 use super::{
-    unix_millis, AtomicVersionStore, CasOutcome, Entry, Lease, LeaseToken, StoreError,
-    StoreErrorKind, Version,
+    AtomicVersionStore, CasOutcome, Entry, Lease, LeaseToken, StoreError, StoreErrorKind, Version,
 };
 use crate::etag::EntityTag;
 
 /// The Lua script behind every [`RedisStore::compare_and_set`], run with `EVALSHA`.
 ///
 /// `KEYS[1]` is the entry's hash. `ARGV` is `n_expected, field, value, ...,
-/// n_new, field, value, ..., ttl_ms`: the expected entry's field/value pairs (none for
-/// "no entry"), the new entry's pairs (none to remove the entry), and the new entry's
-/// time to live in milliseconds (`0` for none). The answer is `{1}` when the new entry
-/// is stored (or already was: a replay), or `{0, field, value, ...}` with the stored
-/// pairs when the expected entry was not found.
+/// n_new, field, value, ...`: the expected entry's field/value pairs (none for
+/// "no entry") and the new entry's pairs (none to remove the entry). The answer is
+/// `{1}` when the new entry is stored (or already was: a replay), or
+/// `{0, field, value, ...}` with the stored pairs when the expected entry was not found.
+/// The entry never gets a time to live (see the [module docs](self#nothing-expires-inside-redis)).
 pub const COMPARE_AND_SET_SCRIPT: &str = r"
 local key = KEYS[1]
 local current = redis.call('HGETALL', key)
@@ -216,8 +244,6 @@ if holds(2, expected_n) then
   if #current > 0 then redis.call('DEL', key) end
   if new_n > 0 then
     redis.call('HSET', key, unpack(ARGV, new_at + 1, new_at + 2 * new_n))
-    local ttl = tonumber(ARGV[new_at + 2 * new_n + 1])
-    if ttl > 0 then redis.call('PEXPIRE', key, ttl) end
   end
   return {1}
 end
@@ -268,9 +294,6 @@ const FIELD_SEEDED: &str = "seeded";
 /// The default key prefix.
 pub const DEFAULT_PREFIX: &str = "precondition:";
 
-/// The default time an entry with a lease outlives the lease inside Redis.
-pub const DEFAULT_LEASE_GRACE: Duration = Duration::from_secs(3600);
-
 /// An [`AtomicVersionStore`] in Redis, shared by every process that uses the same Redis
 /// and prefix. See the [module docs](self) for the data layout, the script, and what
 /// persistence and replication can promise.
@@ -293,16 +316,12 @@ pub const DEFAULT_LEASE_GRACE: Duration = Duration::from_secs(3600);
 pub struct RedisStore<C = ConnectionManager> {
     connection: C,
     prefix: Arc<str>,
-    lease_grace: Duration,
-    version_ttl: Option<Duration>,
 }
 
 impl<C> fmt::Debug for RedisStore<C> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("RedisStore")
             .field("prefix", &self.prefix)
-            .field("lease_grace", &self.lease_grace)
-            .field("version_ttl", &self.version_ttl)
             .finish_non_exhaustive()
     }
 }
@@ -367,8 +386,6 @@ where
         Self {
             connection,
             prefix: escape_into(String::new(), DEFAULT_PREFIX).into(),
-            lease_grace: DEFAULT_LEASE_GRACE,
-            version_ttl: None,
         }
     }
 }
@@ -380,23 +397,6 @@ impl<C> RedisStore<C> {
     #[must_use]
     pub fn prefix(mut self, prefix: impl AsRef<str>) -> Self {
         self.prefix = escape_into(String::new(), prefix.as_ref()).into();
-        self
-    }
-
-    /// How long an entry with a lease outlives the lease inside Redis before Redis drops
-    /// it (default [`DEFAULT_LEASE_GRACE`]). At least 1 ms.
-    #[must_use]
-    pub fn lease_grace(mut self, grace: Duration) -> Self {
-        self.lease_grace = grace.max(Duration::from_millis(1));
-        self
-    }
-
-    /// Lets committed versions expire after `ttl` without a write (default: never).
-    /// An expired version is forgotten safely: old `ETag`s then fail, and the next read
-    /// seeds a new version. Useful to bound memory when most resources go cold.
-    #[must_use]
-    pub fn version_ttl(mut self, ttl: Option<Duration>) -> Self {
-        self.version_ttl = ttl.map(|t| t.max(Duration::from_millis(1)));
         self
     }
 
@@ -426,20 +426,6 @@ impl<C> RedisStore<C> {
     /// collides with an entry, nor with data kept at an entry's key plus a suffix.
     pub fn clock_key(&self) -> String {
         format!("{}{{\\clock}}", self.prefix)
-    }
-
-    /// The time to live of a new entry, in milliseconds; 0 for none.
-    fn ttl_millis(&self, entry: &Entry) -> u64 {
-        let millis = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
-        match entry.lease() {
-            Some(lease) => {
-                let left = lease
-                    .expires_at_millis()
-                    .saturating_sub(unix_millis(SystemTime::now()));
-                left.saturating_add(millis(self.lease_grace)).max(1)
-            }
-            None => self.version_ttl.map_or(0, millis),
-        }
     }
 }
 
@@ -487,7 +473,6 @@ where
                 cmd.arg(1).arg(self.redis_key(key));
                 push_entry(cmd, expected);
                 push_entry(cmd, new);
-                cmd.arg(new.map_or(0, |entry| self.ttl_millis(entry)));
             },
         )
         .await?;
