@@ -202,14 +202,18 @@ impl PostgresStore {
         &self.sql.table
     }
 
-    /// The `CREATE TABLE IF NOT EXISTS` statement for this store's table, for your own
-    /// migrations.
+    /// The statements that create this store's table, or bring one made by an earlier
+    /// version up to date (`CREATE TABLE IF NOT EXISTS`, then
+    /// `ALTER TABLE ... ADD COLUMN IF NOT EXISTS`), for your own migrations. Idempotent.
     pub fn migration_sql(&self) -> &str {
-        &self.sql.create_table
+        &self.sql.migration
     }
 
-    /// Creates the table if it does not exist. Idempotent, and safe to call from
-    /// several processes at once.
+    /// Creates the table if it does not exist, and adds the columns that later versions
+    /// of this crate added to a table an earlier one made ([`migration_sql`]).
+    /// Idempotent, and safe to call from several processes at once.
+    ///
+    /// [`migration_sql`]: Self::migration_sql
     pub async fn migrate(&self) -> Result<(), StoreError> {
         let client = self.connection().await?;
         // `CREATE TABLE IF NOT EXISTS` races with itself (two sessions can both decide
@@ -217,7 +221,7 @@ impl PostgresStore {
         let sql = format!(
             "BEGIN; SET LOCAL client_min_messages = warning; \
              SELECT pg_advisory_xact_lock({MIGRATION_LOCK}); {}; COMMIT",
-            self.sql.create_table
+            self.sql.migration
         );
         let result = client.batch_execute(&sql).await;
         if result.is_err() {
@@ -268,6 +272,20 @@ impl AtomicVersionStore for PostgresStore {
         }
     }
 
+    async fn clock_millis(&self) -> Result<u64, StoreError> {
+        let row = self
+            .query_opt(&self.sql.clock, &[])
+            .await?
+            .ok_or_else(|| StoreError::corrupt("the clock query returned no row"))?;
+        let millis: i64 = row
+            .try_get(0)
+            .map_err(|e| StoreError::corrupt("bad clock column").with_source(e))?;
+        u64::try_from(millis)
+            .ok()
+            .filter(|&m| m > 0)
+            .ok_or_else(|| StoreError::corrupt("the database clock is before 1970"))
+    }
+
     async fn compare_and_set(
         &self,
         key: &str,
@@ -281,13 +299,14 @@ impl AtomicVersionStore for PostgresStore {
             }
             (None, Some(new_entry)) => {
                 let n = Columns::of(Some(new_entry));
-                let params: [&(dyn ToSql + Sync); 6] = [
+                let params: [&(dyn ToSql + Sync); 7] = [
                     &key,
                     &n.etag,
                     &n.last_modified,
                     &n.ambiguous,
                     &n.lease_token,
                     &n.lease_expires_at,
+                    &n.seeded,
                 ];
                 let row = self.query_opt(&self.sql.create, &params).await?;
                 let Some(row) = row else {
@@ -301,29 +320,32 @@ impl AtomicVersionStore for PostgresStore {
                 let n = Columns::of(new_entry);
                 let row = match new_entry {
                     Some(_) => {
-                        let params: [&(dyn ToSql + Sync); 11] = [
+                        let params: [&(dyn ToSql + Sync); 13] = [
                             &key,
                             &e.etag,
                             &e.last_modified,
                             &e.ambiguous,
                             &e.lease_token,
                             &e.lease_expires_at,
+                            &e.seeded,
                             &n.etag,
                             &n.last_modified,
                             &n.ambiguous,
                             &n.lease_token,
                             &n.lease_expires_at,
+                            &n.seeded,
                         ];
                         self.query_opt(&self.sql.replace, &params).await?
                     }
                     None => {
-                        let params: [&(dyn ToSql + Sync); 6] = [
+                        let params: [&(dyn ToSql + Sync); 7] = [
                             &key,
                             &e.etag,
                             &e.last_modified,
                             &e.ambiguous,
                             &e.lease_token,
                             &e.lease_expires_at,
+                            &e.seeded,
                         ];
                         self.query_opt(&self.sql.remove, &params).await?
                     }
@@ -411,14 +433,20 @@ const MIGRATION_LOCK: i64 = 0x7470_7265_636f_6e64;
 
 /// The columns of an entry, in order.
 const ENTRY_COLUMNS: &str =
-    "etag, last_modified, last_modified_ambiguous, lease_token, lease_expires_at_ms";
+    "etag, last_modified, last_modified_ambiguous, lease_token, lease_expires_at_ms, seeded";
+
+/// The database's clock in milliseconds since the Unix epoch, as SQL.
+const CLOCK_MILLIS: &str = "(extract(epoch FROM clock_timestamp()) * 1000)::bigint";
 
 /// The statements for one table, built once.
 #[derive(Debug)]
 pub(crate) struct Sql {
     pub(crate) table: String,
-    pub(crate) create_table: String,
+    /// `CREATE TABLE IF NOT EXISTS`, then the columns later versions added, for
+    /// tables made earlier.
+    migration: String,
     load: String,
+    clock: String,
     create: String,
     replace: String,
     remove: String,
@@ -437,38 +465,55 @@ impl Sql {
              AND t.last_modified IS NOT DISTINCT FROM $3::bigint \
              AND t.last_modified_ambiguous IS NOT DISTINCT FROM $4::boolean \
              AND t.lease_token IS NOT DISTINCT FROM $5::text \
-             AND t.lease_expires_at_ms IS NOT DISTINCT FROM $6::bigint";
+             AND t.lease_expires_at_ms IS NOT DISTINCT FROM $6::bigint \
+             AND t.seeded = $7::boolean";
         let lock_current = format!(
             "WITH cur AS MATERIALIZED (SELECT {ENTRY_COLUMNS} FROM {t} \
              WHERE resource_key = $1::text FOR UPDATE)"
         );
-        Self {
-            table: t.clone(),
-            create_table: format!(
-                "CREATE TABLE IF NOT EXISTS {t} (\n    \
+        let create_table = format!(
+            "CREATE TABLE IF NOT EXISTS {t} (\n    \
                  resource_key TEXT PRIMARY KEY,\n    \
                  etag TEXT,\n    \
                  last_modified BIGINT,\n    \
                  last_modified_ambiguous BOOLEAN,\n    \
                  lease_token TEXT,\n    \
                  lease_expires_at_ms BIGINT,\n    \
+                 seeded BOOLEAN NOT NULL DEFAULT false,\n    \
                  CHECK ((etag IS NULL) = (last_modified IS NULL) \
                  AND (etag IS NULL) = (last_modified_ambiguous IS NULL)),\n    \
                  CHECK ((lease_token IS NULL) = (lease_expires_at_ms IS NULL)),\n    \
                  CHECK (etag IS NOT NULL OR lease_token IS NOT NULL)\n)"
+        );
+        Self {
+            table: t.clone(),
+            // ALTER TABLE takes the table's strongest lock even when the column is
+            // there, and would queue every store call behind the longest open
+            // transaction: so only when the column is missing.
+            migration: format!(
+                "{create_table};\n\
+                 DO $migrate$ BEGIN\n    \
+                 IF NOT EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = '{t}'::regclass \
+                 AND attname = 'seeded' AND NOT attisdropped) THEN\n        \
+                 ALTER TABLE {t} ADD COLUMN seeded BOOLEAN NOT NULL DEFAULT false;\n    \
+                 END IF;\n\
+                 END $migrate$"
             ),
+            clock: format!("SELECT {CLOCK_MILLIS}"),
             load: format!("SELECT {ENTRY_COLUMNS} FROM {t} WHERE resource_key = $1::text"),
             create: format!(
                 "INSERT INTO {t} AS t (resource_key, {ENTRY_COLUMNS}) \
-                 VALUES ($1::text, $2::text, $3::bigint, $4::boolean, $5::text, $6::bigint) \
+                 VALUES ($1::text, $2::text, $3::bigint, $4::boolean, $5::text, $6::bigint, \
+                 $7::boolean) \
                  ON CONFLICT (resource_key) DO UPDATE SET resource_key = t.resource_key \
                  RETURNING t.etag, t.last_modified, t.last_modified_ambiguous, \
-                 t.lease_token, t.lease_expires_at_ms"
+                 t.lease_token, t.lease_expires_at_ms, t.seeded"
             ),
             replace: format!(
-                "{lock_current}, upd AS (UPDATE {t} AS t SET etag = $7::text, \
-                 last_modified = $8::bigint, last_modified_ambiguous = $9::boolean, \
-                 lease_token = $10::text, lease_expires_at_ms = $11::bigint \
+                "{lock_current}, upd AS (UPDATE {t} AS t SET etag = $8::text, \
+                 last_modified = $9::bigint, last_modified_ambiguous = $10::boolean, \
+                 lease_token = $11::text, lease_expires_at_ms = $12::bigint, \
+                 seeded = $13::boolean \
                  WHERE t.resource_key = $1::text AND {matches_expected} \
                  AND EXISTS (SELECT 1 FROM cur) RETURNING 1) \
                  SELECT (SELECT count(*) FROM upd) AS applied, {ENTRY_COLUMNS} FROM cur"
@@ -485,15 +530,15 @@ impl Sql {
                  SELECT $1::text, $2::text, $3::bigint, false \
                  WHERE NOT EXISTS (SELECT 1 FROM cur) \
                  ON CONFLICT (resource_key) DO NOTHING RETURNING 1) \
-                 SELECT false AS created, {ENTRY_COLUMNS} FROM cur \
+                 SELECT false AS created, {ENTRY_COLUMNS}, {CLOCK_MILLIS} AS now_ms FROM cur \
                  UNION ALL \
-                 SELECT true, NULL::text, NULL::bigint, NULL::boolean, NULL::text, NULL::bigint \
-                 FROM ins"
+                 SELECT true, NULL::text, NULL::bigint, NULL::boolean, NULL::text, NULL::bigint, \
+                 false, {CLOCK_MILLIS} FROM ins"
             ),
             tx_write: format!(
                 "UPDATE {t} SET etag = $2::text, last_modified = $3::bigint, \
                  last_modified_ambiguous = $4::boolean, lease_token = NULL, \
-                 lease_expires_at_ms = NULL WHERE resource_key = $1::text"
+                 lease_expires_at_ms = NULL, seeded = false WHERE resource_key = $1::text"
             ),
             tx_delete: format!("DELETE FROM {t} WHERE resource_key = $1::text"),
         }
@@ -507,6 +552,7 @@ pub(crate) struct Columns {
     pub(crate) ambiguous: Option<bool>,
     pub(crate) lease_token: Option<String>,
     pub(crate) lease_expires_at: Option<i64>,
+    pub(crate) seeded: bool,
 }
 
 impl Columns {
@@ -519,6 +565,7 @@ impl Columns {
             ambiguous: version.map(Version::last_modified_ambiguous),
             lease_token: lease.map(|l| l.token().to_string()),
             lease_expires_at: lease.map(|l| u64_to_bigint(l.expires_at_millis())),
+            seeded: version.is_some_and(Version::is_seeded),
         }
     }
 }
@@ -534,7 +581,7 @@ fn bigint_to_u64(value: i64) -> u64 {
     value as u64
 }
 
-/// Decodes the five entry columns starting at column `first`.
+/// Decodes the six entry columns starting at column `first`.
 pub(crate) fn entry_from_row(row: &Row, first: usize) -> Result<Option<Entry>, StoreError> {
     fn col<'a, T: tokio_postgres::types::FromSql<'a>>(
         row: &'a Row,
@@ -548,6 +595,7 @@ pub(crate) fn entry_from_row(row: &Row, first: usize) -> Result<Option<Entry>, S
     let ambiguous: Option<bool> = col(row, first + 2)?;
     let token: Option<String> = col(row, first + 3)?;
     let expires: Option<i64> = col(row, first + 4)?;
+    let seeded: bool = col(row, first + 5)?;
 
     let version = match (etag, last_modified, ambiguous) {
         (Some(etag), Some(secs), Some(ambiguous)) => {
@@ -556,7 +604,10 @@ pub(crate) fn entry_from_row(row: &Row, first: usize) -> Result<Option<Entry>, S
             })?;
             let version = Version::from_parts(tag, bigint_to_u64(secs), ambiguous)
                 .ok_or_else(|| StoreError::corrupt("stored version is not strong"))?;
-            Some(version)
+            Some(version.with_seeded(seeded))
+        }
+        (None, None, None) if seeded => {
+            return Err(StoreError::corrupt("seeded flag without a version"))
         }
         (None, None, None) => None,
         _ => return Err(StoreError::corrupt("partial version columns")),
@@ -598,7 +649,8 @@ pub(crate) fn pool_from_url(url: &str, max_size: usize) -> Result<Pool, StoreErr
         .map_err(|e| StoreError::unavailable("cannot build the connection pool").with_source(e))
 }
 
-/// Maps a Postgres error: a cancelled statement (`statement_timeout`) is a timeout,
+/// Maps a Postgres error: a cancelled statement (`statement_timeout`, or
+/// `lock_timeout`) is a timeout,
 /// anything else makes the store unavailable (the layer fails closed either way).
 pub(crate) fn pg_error(context: &str, error: tokio_postgres::Error) -> StoreError {
     let code = error.code();
@@ -607,11 +659,12 @@ pub(crate) fn pg_error(context: &str, error: tokio_postgres::Error) -> StoreErro
     } else {
         context.to_owned()
     };
-    let store_error = if code == Some(&SqlState::QUERY_CANCELED) {
-        StoreError::timeout(message)
-    } else {
-        StoreError::unavailable(message)
-    };
+    let store_error =
+        if code == Some(&SqlState::QUERY_CANCELED) || code == Some(&SqlState::LOCK_NOT_AVAILABLE) {
+            StoreError::timeout(message)
+        } else {
+            StoreError::unavailable(message)
+        };
     store_error.with_source(error)
 }
 
@@ -665,7 +718,7 @@ mod tests {
         let sql = Sql::new(&TableName::parse("s.t").unwrap());
         assert!(sql.replace.contains("\"s\".\"t\""));
         assert!(sql
-            .create_table
+            .migration
             .starts_with("CREATE TABLE IF NOT EXISTS \"s\".\"t\""));
     }
 }
