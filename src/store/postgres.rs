@@ -29,6 +29,34 @@
 //! the next call: the app recovers without a restart. Statements are prepared once per
 //! connection ([`prepare_cached`](deadpool_postgres::ClientWrapper::prepare_cached)).
 //!
+//! # Timeouts
+//!
+//! Every store call is bounded **on the server**: it runs as
+//! `BEGIN; SELECT set_config('statement_timeout', ...), set_config('lock_timeout', ...)`
+//! (both local to the call's transaction, so nothing leaks into the app's own use of a
+//! shared pool), the prepared statement, `COMMIT`, pipelined in one round trip. The
+//! bound is [`statement_timeout`](PostgresStore::statement_timeout) (default
+//! [`DEFAULT_STATEMENT_TIMEOUT`], 1.5 s) minus the time the call already spent waiting
+//! for a pooled connection, so a statement stuck behind a row lock is ended by the
+//! server, answered as a [timeout](super::StoreErrorKind::Timeout) (`503`), before the layer's
+//! own store timeout (2 s by default) gives up: a call answered `503` cannot land
+//! later. Keep it below the layer's
+//! [`store_timeout`](crate::PreconditionLayer::store_timeout).
+//!
+//! A call its caller abandons anyway (a shorter layer timeout, a dropped request)
+//! never hands its connection back to the pool, where the next call would queue behind
+//! a statement still running: the connection is closed, and the server is asked to
+//! cancel the statement (a cancel request without TLS; if the server only accepts TLS
+//! connections, the statement runs until its `statement_timeout`).
+//!
+//! # The clock
+//!
+//! Leases are stamped and judged by the database's clock
+//! ([`clock_millis`](AtomicVersionStore::clock_millis):
+//! `SELECT (extract(epoch FROM clock_timestamp()) * 1000)::bigint`), the same for every
+//! app host. The transactional mode reads it in its row-lock statement, after the lock.
+//! It is the server's wall clock: if it steps back, leases last longer, never shorter.
+//!
 //! # The table
 //!
 //! [`migrate`](PostgresStore::migrate) creates it if it does not exist (idempotent, and
@@ -45,13 +73,18 @@
 //!     last_modified_ambiguous BOOLEAN,  -- another version was committed in that second
 //!     -- the lease of a write in flight (store mode only)
 //!     lease_token             TEXT,     -- 32 lowercase hex digits
-//!     lease_expires_at_ms     BIGINT,   -- milliseconds since the Unix epoch
+//!     lease_expires_at_ms     BIGINT,   -- ms on the database's clock; 0: released
+//!     -- a read, not a write, gave the version
+//!     seeded                  BOOLEAN NOT NULL DEFAULT false,
 //!     CHECK ((etag IS NULL) = (last_modified IS NULL)
 //!            AND (etag IS NULL) = (last_modified_ambiguous IS NULL)),
 //!     CHECK ((lease_token IS NULL) = (lease_expires_at_ms IS NULL)),
 //!     CHECK (etag IS NOT NULL OR lease_token IS NOT NULL)
 //! );
 //! ```
+//!
+//! A table made by an earlier version lacks `seeded`; `migrate` adds it (see
+//! [`migration_sql`](PostgresStore::migration_sql), which does the same).
 //!
 //! A tag may hold the characters U+0080..U+00FF (HTTP's `obs-text`); they are stored
 //! as the UTF-8 text of those characters and come back unchanged. The `u64` times are
@@ -116,7 +149,11 @@
 //!
 //! [`connect`]: PostgresStore::connect
 
-use std::{fmt, sync::Arc, time::Duration};
+use std::{
+    fmt,
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
 use deadpool_postgres::{Manager, ManagerConfig, Object, Pool, PoolError, RecyclingMethod};
 use tokio_postgres::{error::SqlState, types::ToSql, NoTls, Row};
@@ -127,6 +164,12 @@ use crate::etag::EntityTag;
 /// The table name used unless [`PostgresStore::table`] sets another.
 pub const DEFAULT_TABLE: &str = "tower_precondition_versions";
 
+/// How long a store call may take on the server unless
+/// [`PostgresStore::statement_timeout`] sets another: a margin below the layer's default
+/// 2 s store timeout, so that the server has given up on a statement before the layer
+/// answers `503`.
+pub const DEFAULT_STATEMENT_TIMEOUT: Duration = Duration::from_millis(1500);
+
 /// An [`AtomicVersionStore`] in a Postgres table, shared by every process of an app.
 ///
 /// Cheap to clone (the pool and the statements are shared). See the
@@ -135,12 +178,14 @@ pub const DEFAULT_TABLE: &str = "tower_precondition_versions";
 pub struct PostgresStore {
     pool: Pool,
     sql: Arc<Sql>,
+    statement_timeout: Duration,
 }
 
 impl fmt::Debug for PostgresStore {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("PostgresStore")
             .field("table", &self.sql.table)
+            .field("statement_timeout", &self.statement_timeout)
             .field("pool", &self.pool.status())
             .finish()
     }
@@ -153,7 +198,21 @@ impl PostgresStore {
         Self {
             pool,
             sql: Arc::new(Sql::new(&TableName::default_name())),
+            statement_timeout: DEFAULT_STATEMENT_TIMEOUT,
         }
+    }
+
+    /// Bounds every store call on the server (default [`DEFAULT_STATEMENT_TIMEOUT`]);
+    /// see [Timeouts](self#timeouts). Keep it below the layer's
+    /// [`store_timeout`](crate::PreconditionLayer::store_timeout). Clamped to
+    /// 1 ms ..= `i32::MAX` ms, the range Postgres accepts.
+    #[must_use]
+    pub fn statement_timeout(mut self, timeout: Duration) -> Self {
+        self.statement_timeout = timeout.clamp(
+            Duration::from_millis(1),
+            Duration::from_millis(i32::MAX as u64),
+        );
+        self
     }
 
     /// Builds a pool from a connection URL (`postgres://user@host:port/db`, no TLS),
@@ -194,6 +253,7 @@ impl PostgresStore {
         Ok(Self {
             pool: self.pool,
             sql: Arc::new(Sql::new(&table)),
+            statement_timeout: self.statement_timeout,
         })
     }
 
@@ -245,20 +305,110 @@ impl PostgresStore {
         self.pool.get().await.map_err(pool_error)
     }
 
+    /// Runs one store statement, bounded on the server: `BEGIN` with this call's
+    /// `statement_timeout` and `lock_timeout` (`SET LOCAL`, so nothing leaks into the
+    /// app's use of a shared pool), the statement, `COMMIT`, pipelined in one round trip.
     async fn query_opt(
         &self,
         sql: &str,
         params: &[&(dyn ToSql + Sync)],
     ) -> Result<Option<Row>, StoreError> {
-        let client = self.connection().await?;
+        let started = Instant::now();
+        let mut checkout = Checkout::new(self.connection().await?);
+        let client = checkout.client()?;
         let statement = client
             .prepare_cached(sql)
             .await
             .map_err(|e| pg_error("preparing a statement", e))?;
-        client
-            .query_opt(&statement, params)
-            .await
-            .map_err(|e| pg_error("running a statement", e))
+        // The budget counts from the start of the call (a wait for a pooled connection
+        // uses it up too), so the server gives up before a caller's deadline would.
+        let left = self.statement_timeout.saturating_sub(started.elapsed());
+        if left < Duration::from_millis(1) {
+            checkout.release();
+            return Err(StoreError::timeout(
+                "no time left for the statement after waiting for a connection",
+            ));
+        }
+        let ms = left.as_millis().min(i32::MAX as u128);
+        let begin = format!(
+            "BEGIN ISOLATION LEVEL READ COMMITTED; \
+             SELECT set_config('statement_timeout', '{ms}', true), \
+             set_config('lock_timeout', '{ms}', true)"
+        );
+        // Polled in order, each sends its messages on its first poll: the statement
+        // goes out behind BEGIN, and COMMIT behind the statement.
+        let (begun, row, committed) = futures_util::future::join3(
+            client.batch_execute(&begin),
+            client.query_opt(&statement, params),
+            client.batch_execute("COMMIT"),
+        )
+        .await;
+        // A server's error answer leaves the connection idle (COMMIT ends an aborted
+        // transaction too); any other failure (I/O, a closed connection) leaves it in
+        // an unknown state, so it is closed, not reused.
+        let clean = [
+            begun.as_ref().err(),
+            row.as_ref().err(),
+            committed.as_ref().err(),
+        ]
+        .into_iter()
+        .flatten()
+        .all(|e| e.as_db_error().is_some());
+        if clean {
+            checkout.release();
+        }
+        begun.map_err(|e| pg_error("BEGIN", e))?;
+        let row = row.map_err(|e| pg_error("running a statement", e))?;
+        committed.map_err(|e| pg_error("COMMIT", e))?;
+        Ok(row)
+    }
+}
+
+/// A pooled connection lent to one store call. Unless the call [released](Self::release)
+/// it, dropping it (the caller gave up: a timeout dropped the call's future; or the
+/// connection failed) closes the connection instead of returning it to the pool, where
+/// a statement still running on it would stall the next call, and asks the server to
+/// cancel that statement.
+struct Checkout {
+    object: Option<Object>,
+}
+
+impl Checkout {
+    fn new(object: Object) -> Self {
+        Self {
+            object: Some(object),
+        }
+    }
+
+    fn client(&self) -> Result<&Object, StoreError> {
+        self.object
+            .as_ref()
+            .ok_or_else(|| StoreError::unavailable("connection already released"))
+    }
+
+    /// The call is over and the connection idle: back to the pool.
+    fn release(&mut self) {
+        drop(self.object.take());
+    }
+}
+
+impl Drop for Checkout {
+    fn drop(&mut self) {
+        let Some(object) = self.object.take() else {
+            return;
+        };
+        let cancel = object.cancel_token();
+        // Out of the pool: the connection closes when the last handle goes.
+        drop(Object::take(object));
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(async move {
+                // Best effort (without TLS): the server's statement_timeout ends the
+                // statement anyway.
+                if let Err(error) = cancel.cancel_query(NoTls).await {
+                    tracing::debug!(%error, "could not cancel an abandoned statement");
+                }
+            });
+        }
     }
 }
 
