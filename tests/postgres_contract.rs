@@ -7,8 +7,11 @@ use std::sync::Arc;
 
 use postgres_support::{shared_pool, store, unique};
 use tower_precondition::{
-    store::{testing::run_contract_suite, AtomicVersionStore, PostgresStore, StoreErrorKind},
-    StoreError,
+    store::{
+        testing::run_contract_suite, AtomicVersionStore, CasOutcome, Entry, PostgresStore,
+        StoreErrorKind,
+    },
+    EntityTag, StoreError, Version,
 };
 
 const TABLE: &str = "tp_test_contract_versions";
@@ -58,6 +61,54 @@ async fn migrate_is_idempotent_and_safe_to_run_concurrently() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn migrate_adds_the_seeded_column_to_a_table_of_an_earlier_version() {
+    let Some(pool) = shared_pool(2).await else {
+        return;
+    };
+    let table = format!("tp_test_old_table_{}", std::process::id());
+    let client = pool.get().await.expect("connection");
+    // The table as versions before the seeded flag made it, with one row.
+    client
+        .batch_execute(&format!(
+            "DROP TABLE IF EXISTS \"{table}\"; \
+             CREATE TABLE \"{table}\" (resource_key TEXT PRIMARY KEY, etag TEXT, \
+             last_modified BIGINT, last_modified_ambiguous BOOLEAN, lease_token TEXT, \
+             lease_expires_at_ms BIGINT); \
+             INSERT INTO \"{table}\" VALUES ('/old', 'v', 1700000000, false, NULL, NULL)"
+        ))
+        .await
+        .expect("old table");
+    let store = PostgresStore::new(pool.clone())
+        .table(&table)
+        .expect("name");
+    assert!(store.load("/old").await.is_err(), "no seeded column yet");
+    store.migrate().await.expect("migrate");
+    store.migrate().await.expect("migrate again");
+    let old = store.load("/old").await.expect("load").expect("entry");
+    assert!(
+        !old.version().expect("version").is_seeded(),
+        "old rows are not seeded"
+    );
+    let seeded = Entry::committed(
+        Version::from_parts(EntityTag::strong("s").expect("tag"), 1_700_000_001, false)
+            .expect("strong")
+            .with_seeded(true),
+    );
+    assert_eq!(
+        store
+            .compare_and_set("/old", Some(&old), Some(&seeded))
+            .await
+            .expect("cas"),
+        CasOutcome::Applied
+    );
+    assert_eq!(store.load("/old").await.expect("load"), Some(seeded));
+    client
+        .batch_execute(&format!("DROP TABLE \"{table}\""))
+        .await
+        .expect("drop");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_missing_table_is_an_unavailable_store_that_names_migrate() {
     let Some(pool) = shared_pool(2).await else {
         return;
@@ -79,8 +130,12 @@ async fn a_row_that_is_not_an_entry_is_reported_corrupt() {
     let client = pool.get().await.expect("connection");
     let cases = [
         // A space is not an etagc.
-        ("bad tag", "'a b', 1, false, NULL, NULL"),
-        ("bad token", "NULL, NULL, NULL, 'not-hex', 5"),
+        ("bad tag", "'a b', 1, false, NULL, NULL, false"),
+        ("bad token", "NULL, NULL, NULL, 'not-hex', 5, false"),
+        (
+            "seeded without a version",
+            "NULL, NULL, NULL, repeat('a', 32), 5, true",
+        ),
     ];
     for (what, values) in cases {
         let key = unique(what);
@@ -88,7 +143,7 @@ async fn a_row_that_is_not_an_entry_is_reported_corrupt() {
             .execute(
                 &format!(
                     "INSERT INTO \"{TABLE}\" (resource_key, etag, last_modified, \
-                     last_modified_ambiguous, lease_token, lease_expires_at_ms) \
+                     last_modified_ambiguous, lease_token, lease_expires_at_ms, seeded) \
                      VALUES ($1, {values})"
                 ),
                 &[&key],

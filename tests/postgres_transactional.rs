@@ -306,9 +306,9 @@ async fn store_mode_leases_on_the_same_table_are_respected() {
     let v0 = Version::new(tag("v0"), SystemTime::now()).expect("version");
     let live = Entry::from_parts(
         Some(v0.clone()),
-        Some(Lease::new(
+        Some(Lease::from_parts(
             LeaseToken::random(),
-            SystemTime::now() + Duration::from_secs(60),
+            store.clock_millis().await.expect("clock") + 60_000,
         )),
     )
     .expect("entry");

@@ -3,10 +3,7 @@
 
 mod redis_support;
 
-use std::{
-    sync::Arc,
-    time::{Duration, SystemTime},
-};
+use std::{sync::Arc, time::Duration};
 
 use redis::AsyncCommands;
 use redis_support::{call, default_items_app, raw_connection, redis_url, shared_store};
@@ -95,89 +92,88 @@ async fn entries_are_hashes_under_a_hash_tagged_key() {
 }
 
 #[tokio::test]
-async fn leases_expire_inside_redis_and_committed_versions_do_not() {
+async fn no_entry_ever_gets_a_time_to_live() {
     let Some((store, _cleanup)) = shared_store().await else {
         return;
     };
-    let store = store.lease_grace(Duration::from_secs(60));
     let url = redis_url().expect("set");
     let mut con = raw_connection(&url).await;
     let key = "/items/ttl";
     let rkey = store.redis_key(key);
+    let now = store.clock_millis().await.expect("clock");
 
     let v1 = committed("v1");
-    store
-        .compare_and_set(key, None, Some(&v1))
-        .await
-        .expect("cas");
-    let ttl: i64 = con.pttl(&rkey).await.expect("pttl");
-    assert_eq!(ttl, -1, "a committed entry has no time to live");
+    let leased = Entry::from_parts(
+        v1.version().cloned(),
+        Some(Lease::from_parts(LeaseToken::random(), now + 30_000)),
+    )
+    .expect("entry");
+    let released = Entry::from_parts(
+        v1.version().cloned(),
+        Some(Lease::released(LeaseToken::random())),
+    )
+    .expect("entry");
+    let mut previous = None;
+    for entry in [&v1, &leased, &released, &v1] {
+        store
+            .compare_and_set(key, previous, Some(entry))
+            .await
+            .expect("cas");
+        let ttl: i64 = con.pttl(&rkey).await.expect("pttl");
+        assert_eq!(ttl, -1, "{entry:?} must not expire inside Redis");
+        previous = Some(entry);
+    }
 
-    let lease = Lease::new(
-        LeaseToken::random(),
-        SystemTime::now() + Duration::from_secs(30),
-    );
-    let leased = Entry::from_parts(v1.version().cloned(), Some(lease)).expect("entry");
+    // A key an earlier version of the store gave a time to live loses it at its next
+    // compare-and-set.
+    let _: bool = con.pexpire(&rkey, 60_000).await.expect("pexpire");
     store
         .compare_and_set(key, Some(&v1), Some(&leased))
         .await
         .expect("cas");
     let ttl: i64 = con.pttl(&rkey).await.expect("pttl");
-    assert!(
-        ttl > 60_000 && ttl <= 90_000,
-        "a leased entry lives for the lease plus the grace, got {ttl} ms"
-    );
+    assert_eq!(ttl, -1, "a rewritten entry keeps no old time to live");
 
-    let v2 = committed("v2");
-    store
-        .compare_and_set(key, Some(&leased), Some(&v2))
-        .await
-        .expect("cas");
-    let ttl: i64 = con.pttl(&rkey).await.expect("pttl");
-    assert_eq!(ttl, -1, "committing removes the time to live");
-
-    // An abandoned lease (its writer crashed) on a store with a tiny grace: Redis drops
-    // the entry by itself soon after the lease ends.
-    let short = store.clone().lease_grace(Duration::from_millis(50));
-    let abandoned = Entry::from_parts(
-        v2.version().cloned(),
-        Some(Lease::new(
-            LeaseToken::random(),
-            SystemTime::now() + Duration::from_millis(100),
-        )),
-    )
-    .expect("entry");
-    short
-        .compare_and_set(key, Some(&v2), Some(&abandoned))
-        .await
-        .expect("cas");
-    assert!(
-        wait_until_gone(&store, key).await,
-        "Redis must drop an abandoned leased entry after lease + grace"
-    );
-
-    // A committed entry expires only when configured to.
-    let with_ttl = store.clone().version_ttl(Some(Duration::from_secs(100)));
-    with_ttl
-        .compare_and_set(key, None, Some(&v1))
-        .await
-        .expect("cas");
-    let ttl: i64 = con.pttl(&rkey).await.expect("pttl");
-    assert!(
-        ttl > 0 && ttl <= 100_000,
-        "configured version ttl, got {ttl}"
-    );
+    // Nor does the clock key.
+    let ttl: i64 = con.pttl(store.clock_key()).await.expect("pttl");
+    assert_eq!(ttl, -1, "the clock key must not expire");
 }
 
-/// Polls (bounded, not timed) until the key has no entry.
-async fn wait_until_gone(store: &RedisStore, key: &str) -> bool {
-    for _ in 0..200 {
-        if store.load(key).await.expect("load").is_none() {
-            return true;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    false
+#[tokio::test]
+async fn the_clock_is_one_server_clock_that_never_goes_back() {
+    let Some((store, _cleanup)) = shared_store().await else {
+        return;
+    };
+    let url = redis_url().expect("set");
+    let mut con = raw_connection(&url).await;
+    let (secs, micros): (u64, u64) = redis::cmd("TIME")
+        .query_async(&mut con)
+        .await
+        .expect("TIME");
+    let server = secs * 1000 + micros / 1000;
+    let first = store.clock_millis().await.expect("clock");
+    assert!(
+        first >= server && first < server + 5_000,
+        "the clock is the server's TIME in ms: TIME said {server}, the store {first}"
+    );
+    // Another store (another process) on the same prefix reads the same clock.
+    let other = RedisStore::open(&url)
+        .await
+        .expect("open")
+        .prefix(store.redis_key("").trim_end_matches("{}"));
+    assert_eq!(other.clock_key(), store.clock_key());
+    assert!(other.clock_millis().await.expect("clock") >= first);
+
+    // A high mark ahead of TIME (as after the server's clock stepped back) holds the
+    // clock still instead of letting it go back.
+    let ahead = first + 3_600_000;
+    let _: () = con.set(store.clock_key(), ahead).await.expect("set");
+    assert_eq!(store.clock_millis().await.expect("clock"), ahead);
+    assert_eq!(other.clock_millis().await.expect("clock"), ahead);
+
+    // Garbage in the clock key is an error, not a guess.
+    let _: () = con.set(store.clock_key(), "soon").await.expect("set");
+    assert!(store.clock_millis().await.is_err());
 }
 
 /// What another process leaves behind when it reserves `key` and crashes before
@@ -186,9 +182,9 @@ async fn crash_while_writing(store: &RedisStore, key: &str, millis: u64) {
     let current = store.load(key).await.expect("load").expect("entry");
     let crashed = Entry::from_parts(
         current.version().cloned(),
-        Some(Lease::new(
+        Some(Lease::from_parts(
             LeaseToken::random(),
-            SystemTime::now() + Duration::from_millis(millis),
+            store.clock_millis().await.expect("clock") + millis,
         )),
     )
     .expect("entry");
@@ -356,10 +352,8 @@ async fn a_replayed_script_call_is_applied_not_a_conflict() {
     };
     let key = "/items/replay";
     let a = committed("a");
-    let lease = Lease::new(
-        LeaseToken::random(),
-        SystemTime::now() + Duration::from_secs(30),
-    );
+    let now = store.clock_millis().await.expect("clock");
+    let lease = Lease::from_parts(LeaseToken::random(), now + 30_000);
     let reserved = Entry::from_parts(a.version().cloned(), Some(lease)).expect("entry");
     store
         .compare_and_set(key, None, Some(&a))
@@ -408,4 +402,54 @@ async fn unreachable_redis_is_an_unavailable_error() {
             .kind(),
         StoreErrorKind::Unavailable
     );
+}
+
+/// Finding 7.6: Redis forgot unknown outcomes. A leased entry got a time to live
+/// (lease + grace), so the entry of a write whose process crashed vanished, and the
+/// next `If-None-Match: *` create passed where the memory store answers `412`. An
+/// expired lease must stay until a request takes it over with a fresh version.
+#[tokio::test]
+async fn finding_7_6_an_expired_lease_stays_in_redis_until_taken_over() {
+    let Some((store, _cleanup)) = shared_store().await else {
+        return;
+    };
+    let url = redis_url().expect("set");
+    let mut con = raw_connection(&url).await;
+    let (app, calls) = default_items_app(store.clone());
+    let uri = "/items/crashed-update";
+    let (status, _, _) = call(&app, "PUT", uri, &[], Some("1")).await;
+    assert_eq!(status, 201);
+    let (_, etag, _) = call(&app, "GET", uri, &[], None).await;
+    let etag = etag.expect("etag");
+
+    // Another process reserves the resource and crashes: its lease ends in 100 ms.
+    crash_while_writing(&store, uri, 100).await;
+    let leased = store.load(uri).await.expect("load").expect("entry");
+    let ttl: i64 = con.pttl(store.redis_key(uri)).await.expect("pttl");
+    assert_eq!(ttl, -1, "Redis must not expire a leased entry by itself");
+
+    // Long after the lease (and any grace a short one would get) has run out, the entry
+    // is still there, with its expired lease: nothing but a takeover may clear it.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert_eq!(
+        store.load(uri).await.expect("load"),
+        Some(leased),
+        "an expired lease stays until a request takes it over"
+    );
+
+    // The next write takes it over: the resource exists, so a create fails, and the
+    // crashed writer may have written, so the 412 names a fresh version.
+    let writes_before = calls.load(std::sync::atomic::Ordering::SeqCst);
+    let (status, current, _) = call(&app, "PUT", uri, &[("if-none-match", "*")], Some("2")).await;
+    assert_eq!(status, 412, "a create over a crashed update must fail");
+    assert_eq!(
+        calls.load(std::sync::atomic::Ordering::SeqCst),
+        writes_before
+    );
+    let current = current.expect("the 412 carries the current ETag");
+    assert_ne!(current, etag, "the takeover gave a fresh version");
+    let (status, _, _) = call(&app, "PUT", uri, &[("if-match", &etag)], Some("3")).await;
+    assert_eq!(status, 412, "the old ETag stays refused");
+    let (status, _, _) = call(&app, "PUT", uri, &[("if-match", &current)], Some("4")).await;
+    assert_eq!(status, 204, "the fresh ETag is accepted");
 }

@@ -200,9 +200,9 @@ mod postgres {
         let v0 = Version::new("\"v0\"".parse().expect("tag"), SystemTime::now()).expect("v0");
         let live = Entry::from_parts(
             Some(v0),
-            Some(Lease::new(
+            Some(Lease::from_parts(
                 LeaseToken::random(),
-                SystemTime::now() + Duration::from_secs(60),
+                store.clock_millis().await.expect("clock") + 60_000,
             )),
         )
         .expect("entry");
@@ -282,7 +282,7 @@ mod postgres {
 mod redis {
     use std::time::Duration;
 
-    use tower_precondition::{store::redis::MAX_TTL, PreconditionLayer};
+    use tower_precondition::PreconditionLayer;
 
     use crate::redis_support::{raw_connection, redis_url, shared_store};
 
@@ -297,37 +297,19 @@ mod redis {
     }
 
     #[tokio::test]
-    async fn settings_extremes_redis_max_lease_grace_and_version_ttl() {
+    async fn settings_extremes_redis_max_lease() {
         let Some((store, _cleanup)) = shared_store().await else {
             return;
         };
         let url = redis_url().expect("url");
-        let store = store
-            .lease_grace(Duration::MAX)
-            .version_ttl(Some(Duration::MAX));
         let key = store.redis_key("/items/1");
         let layer = PreconditionLayer::new(store.clone())
             .lease(Duration::MAX)
             .retry_after(Duration::MAX);
-        // Reserve (a lease: lease + grace), commit (a version: version_ttl), and a 409
-        // while the lease of `/items/2` is held.
+        // Reserve (a lease of the longest allowed length), commit, and a 409 while the
+        // lease of `/items/2` is held: nothing overflows, and no entry gets a time to
+        // live (Redis never drops an unknown outcome).
         super::exercise(layer).await;
-        let ttl = pttl(&url, &key).await;
-        let max = i64::try_from(MAX_TTL.as_millis()).expect("fits");
-        assert!(ttl > 0 && ttl <= max, "PTTL {ttl}");
-    }
-
-    #[tokio::test]
-    async fn settings_extremes_redis_max_lease_grace_alone() {
-        let Some((store, _cleanup)) = shared_store().await else {
-            return;
-        };
-        let url = redis_url().expect("url");
-        let store = store.lease_grace(Duration::MAX);
-        let layer = PreconditionLayer::new(store.clone());
-        super::exercise(layer).await;
-        // Committed without a version TTL: no expiry; the lease's expiry was set and
-        // then cleared by the commit.
-        assert_eq!(pttl(&url, &store.redis_key("/items/1")).await, -1);
+        assert_eq!(pttl(&url, &key).await, -1);
     }
 }

@@ -29,6 +29,34 @@
 //! the next call: the app recovers without a restart. Statements are prepared once per
 //! connection ([`prepare_cached`](deadpool_postgres::ClientWrapper::prepare_cached)).
 //!
+//! # Timeouts
+//!
+//! Every store call is bounded **on the server**: it runs as
+//! `BEGIN; SELECT set_config('statement_timeout', ...), set_config('lock_timeout', ...)`
+//! (both local to the call's transaction, so nothing leaks into the app's own use of a
+//! shared pool), the prepared statement, `COMMIT`, pipelined in one round trip. The
+//! bound is [`statement_timeout`](PostgresStore::statement_timeout) (default
+//! [`DEFAULT_STATEMENT_TIMEOUT`], 1.5 s) minus the time the call already spent waiting
+//! for a pooled connection, so a statement stuck behind a row lock is ended by the
+//! server, answered as a [timeout](super::StoreErrorKind::Timeout) (`503`), before the layer's
+//! own store timeout (2 s by default) gives up: a call answered `503` cannot land
+//! later. Keep it below the layer's
+//! [`store_timeout`](crate::PreconditionLayer::store_timeout).
+//!
+//! A call its caller abandons anyway (a shorter layer timeout, a dropped request)
+//! never hands its connection back to the pool, where the next call would queue behind
+//! a statement still running: the connection is closed, and the server is asked to
+//! cancel the statement (a cancel request without TLS; if the server only accepts TLS
+//! connections, the statement runs until its `statement_timeout`).
+//!
+//! # The clock
+//!
+//! Leases are stamped and judged by the database's clock
+//! ([`clock_millis`](AtomicVersionStore::clock_millis):
+//! `SELECT (extract(epoch FROM clock_timestamp()) * 1000)::bigint`), the same for every
+//! app host. The transactional mode reads it in its row-lock statement, after the lock.
+//! It is the server's wall clock: if it steps back, leases last longer, never shorter.
+//!
 //! # The table
 //!
 //! [`migrate`](PostgresStore::migrate) creates it if it does not exist (idempotent, and
@@ -45,13 +73,18 @@
 //!     last_modified_ambiguous BOOLEAN,  -- another version was committed in that second
 //!     -- the lease of a write in flight (store mode only)
 //!     lease_token             TEXT,     -- 32 lowercase hex digits
-//!     lease_expires_at_ms     BIGINT,   -- milliseconds since the Unix epoch
+//!     lease_expires_at_ms     BIGINT,   -- ms on the database's clock; 0: released
+//!     -- a read, not a write, gave the version
+//!     seeded                  BOOLEAN NOT NULL DEFAULT false,
 //!     CHECK ((etag IS NULL) = (last_modified IS NULL)
 //!            AND (etag IS NULL) = (last_modified_ambiguous IS NULL)),
 //!     CHECK ((lease_token IS NULL) = (lease_expires_at_ms IS NULL)),
 //!     CHECK (etag IS NOT NULL OR lease_token IS NOT NULL)
 //! );
 //! ```
+//!
+//! A table made by an earlier version lacks `seeded`; `migrate` adds it (see
+//! [`migration_sql`](PostgresStore::migration_sql), which does the same).
 //!
 //! A tag may hold the characters U+0080..U+00FF (HTTP's `obs-text`); they are stored
 //! as the UTF-8 text of those characters and come back unchanged. The `u64` times are
@@ -116,7 +149,11 @@
 //!
 //! [`connect`]: PostgresStore::connect
 
-use std::{fmt, sync::Arc, time::Duration};
+use std::{
+    fmt,
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
 use deadpool_postgres::{Manager, ManagerConfig, Object, Pool, PoolError, RecyclingMethod};
 use tokio_postgres::{error::SqlState, types::ToSql, NoTls, Row};
@@ -127,6 +164,12 @@ use crate::etag::EntityTag;
 /// The table name used unless [`PostgresStore::table`] sets another.
 pub const DEFAULT_TABLE: &str = "tower_precondition_versions";
 
+/// How long a store call may take on the server unless
+/// [`PostgresStore::statement_timeout`] sets another: a margin below the layer's default
+/// 2 s store timeout, so that the server has given up on a statement before the layer
+/// answers `503`.
+pub const DEFAULT_STATEMENT_TIMEOUT: Duration = Duration::from_millis(1500);
+
 /// An [`AtomicVersionStore`] in a Postgres table, shared by every process of an app.
 ///
 /// Cheap to clone (the pool and the statements are shared). See the
@@ -135,12 +178,14 @@ pub const DEFAULT_TABLE: &str = "tower_precondition_versions";
 pub struct PostgresStore {
     pool: Pool,
     sql: Arc<Sql>,
+    statement_timeout: Duration,
 }
 
 impl fmt::Debug for PostgresStore {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("PostgresStore")
             .field("table", &self.sql.table)
+            .field("statement_timeout", &self.statement_timeout)
             .field("pool", &self.pool.status())
             .finish()
     }
@@ -153,7 +198,21 @@ impl PostgresStore {
         Self {
             pool,
             sql: Arc::new(Sql::new(&TableName::default_name())),
+            statement_timeout: DEFAULT_STATEMENT_TIMEOUT,
         }
+    }
+
+    /// Bounds every store call on the server (default [`DEFAULT_STATEMENT_TIMEOUT`]);
+    /// see [Timeouts](self#timeouts). Keep it below the layer's
+    /// [`store_timeout`](crate::PreconditionLayer::store_timeout). Clamped to
+    /// 1 ms ..= `i32::MAX` ms, the range Postgres accepts.
+    #[must_use]
+    pub fn statement_timeout(mut self, timeout: Duration) -> Self {
+        self.statement_timeout = timeout.clamp(
+            Duration::from_millis(1),
+            Duration::from_millis(i32::MAX as u64),
+        );
+        self
     }
 
     /// Builds a pool from a connection URL (`postgres://user@host:port/db`, no TLS),
@@ -194,6 +253,7 @@ impl PostgresStore {
         Ok(Self {
             pool: self.pool,
             sql: Arc::new(Sql::new(&table)),
+            statement_timeout: self.statement_timeout,
         })
     }
 
@@ -202,14 +262,18 @@ impl PostgresStore {
         &self.sql.table
     }
 
-    /// The `CREATE TABLE IF NOT EXISTS` statement for this store's table, for your own
-    /// migrations.
+    /// The statements that create this store's table, or bring one made by an earlier
+    /// version up to date (`CREATE TABLE IF NOT EXISTS`, then
+    /// `ALTER TABLE ... ADD COLUMN IF NOT EXISTS`), for your own migrations. Idempotent.
     pub fn migration_sql(&self) -> &str {
-        &self.sql.create_table
+        &self.sql.migration
     }
 
-    /// Creates the table if it does not exist. Idempotent, and safe to call from
-    /// several processes at once.
+    /// Creates the table if it does not exist, and adds the columns that later versions
+    /// of this crate added to a table an earlier one made ([`migration_sql`]).
+    /// Idempotent, and safe to call from several processes at once.
+    ///
+    /// [`migration_sql`]: Self::migration_sql
     pub async fn migrate(&self) -> Result<(), StoreError> {
         let client = self.connection().await?;
         // `CREATE TABLE IF NOT EXISTS` races with itself (two sessions can both decide
@@ -217,7 +281,7 @@ impl PostgresStore {
         let sql = format!(
             "BEGIN; SET LOCAL client_min_messages = warning; \
              SELECT pg_advisory_xact_lock({MIGRATION_LOCK}); {}; COMMIT",
-            self.sql.create_table
+            self.sql.migration
         );
         let result = client.batch_execute(&sql).await;
         if result.is_err() {
@@ -241,20 +305,110 @@ impl PostgresStore {
         self.pool.get().await.map_err(pool_error)
     }
 
+    /// Runs one store statement, bounded on the server: `BEGIN` with this call's
+    /// `statement_timeout` and `lock_timeout` (`SET LOCAL`, so nothing leaks into the
+    /// app's use of a shared pool), the statement, `COMMIT`, pipelined in one round trip.
     async fn query_opt(
         &self,
         sql: &str,
         params: &[&(dyn ToSql + Sync)],
     ) -> Result<Option<Row>, StoreError> {
-        let client = self.connection().await?;
+        let started = Instant::now();
+        let mut checkout = Checkout::new(self.connection().await?);
+        let client = checkout.client()?;
         let statement = client
             .prepare_cached(sql)
             .await
             .map_err(|e| pg_error("preparing a statement", e))?;
-        client
-            .query_opt(&statement, params)
-            .await
-            .map_err(|e| pg_error("running a statement", e))
+        // The budget counts from the start of the call (a wait for a pooled connection
+        // uses it up too), so the server gives up before a caller's deadline would.
+        let left = self.statement_timeout.saturating_sub(started.elapsed());
+        if left < Duration::from_millis(1) {
+            checkout.release();
+            return Err(StoreError::timeout(
+                "no time left for the statement after waiting for a connection",
+            ));
+        }
+        let ms = left.as_millis().min(i32::MAX as u128);
+        let begin = format!(
+            "BEGIN ISOLATION LEVEL READ COMMITTED; \
+             SELECT set_config('statement_timeout', '{ms}', true), \
+             set_config('lock_timeout', '{ms}', true)"
+        );
+        // Polled in order, each sends its messages on its first poll: the statement
+        // goes out behind BEGIN, and COMMIT behind the statement.
+        let (begun, row, committed) = futures_util::future::join3(
+            client.batch_execute(&begin),
+            client.query_opt(&statement, params),
+            client.batch_execute("COMMIT"),
+        )
+        .await;
+        // A server's error answer leaves the connection idle (COMMIT ends an aborted
+        // transaction too); any other failure (I/O, a closed connection) leaves it in
+        // an unknown state, so it is closed, not reused.
+        let clean = [
+            begun.as_ref().err(),
+            row.as_ref().err(),
+            committed.as_ref().err(),
+        ]
+        .into_iter()
+        .flatten()
+        .all(|e| e.as_db_error().is_some());
+        if clean {
+            checkout.release();
+        }
+        begun.map_err(|e| pg_error("BEGIN", e))?;
+        let row = row.map_err(|e| pg_error("running a statement", e))?;
+        committed.map_err(|e| pg_error("COMMIT", e))?;
+        Ok(row)
+    }
+}
+
+/// A pooled connection lent to one store call. Unless the call [released](Self::release)
+/// it, dropping it (the caller gave up: a timeout dropped the call's future; or the
+/// connection failed) closes the connection instead of returning it to the pool, where
+/// a statement still running on it would stall the next call, and asks the server to
+/// cancel that statement.
+struct Checkout {
+    object: Option<Object>,
+}
+
+impl Checkout {
+    fn new(object: Object) -> Self {
+        Self {
+            object: Some(object),
+        }
+    }
+
+    fn client(&self) -> Result<&Object, StoreError> {
+        self.object
+            .as_ref()
+            .ok_or_else(|| StoreError::unavailable("connection already released"))
+    }
+
+    /// The call is over and the connection idle: back to the pool.
+    fn release(&mut self) {
+        drop(self.object.take());
+    }
+}
+
+impl Drop for Checkout {
+    fn drop(&mut self) {
+        let Some(object) = self.object.take() else {
+            return;
+        };
+        let cancel = object.cancel_token();
+        // Out of the pool: the connection closes when the last handle goes.
+        drop(Object::take(object));
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(async move {
+                // Best effort (without TLS): the server's statement_timeout ends the
+                // statement anyway.
+                if let Err(error) = cancel.cancel_query(NoTls).await {
+                    tracing::debug!(%error, "could not cancel an abandoned statement");
+                }
+            });
+        }
     }
 }
 
@@ -266,6 +420,20 @@ impl AtomicVersionStore for PostgresStore {
             Some(row) => entry_from_row(&row, 0),
             None => Ok(None),
         }
+    }
+
+    async fn clock_millis(&self) -> Result<u64, StoreError> {
+        let row = self
+            .query_opt(&self.sql.clock, &[])
+            .await?
+            .ok_or_else(|| StoreError::corrupt("the clock query returned no row"))?;
+        let millis: i64 = row
+            .try_get(0)
+            .map_err(|e| StoreError::corrupt("bad clock column").with_source(e))?;
+        u64::try_from(millis)
+            .ok()
+            .filter(|&m| m > 0)
+            .ok_or_else(|| StoreError::corrupt("the database clock is before 1970"))
     }
 
     async fn compare_and_set(
@@ -281,13 +449,14 @@ impl AtomicVersionStore for PostgresStore {
             }
             (None, Some(new_entry)) => {
                 let n = Columns::of(Some(new_entry));
-                let params: [&(dyn ToSql + Sync); 6] = [
+                let params: [&(dyn ToSql + Sync); 7] = [
                     &key,
                     &n.etag,
                     &n.last_modified,
                     &n.ambiguous,
                     &n.lease_token,
                     &n.lease_expires_at,
+                    &n.seeded,
                 ];
                 let row = self.query_opt(&self.sql.create, &params).await?;
                 let Some(row) = row else {
@@ -301,29 +470,32 @@ impl AtomicVersionStore for PostgresStore {
                 let n = Columns::of(new_entry);
                 let row = match new_entry {
                     Some(_) => {
-                        let params: [&(dyn ToSql + Sync); 11] = [
+                        let params: [&(dyn ToSql + Sync); 13] = [
                             &key,
                             &e.etag,
                             &e.last_modified,
                             &e.ambiguous,
                             &e.lease_token,
                             &e.lease_expires_at,
+                            &e.seeded,
                             &n.etag,
                             &n.last_modified,
                             &n.ambiguous,
                             &n.lease_token,
                             &n.lease_expires_at,
+                            &n.seeded,
                         ];
                         self.query_opt(&self.sql.replace, &params).await?
                     }
                     None => {
-                        let params: [&(dyn ToSql + Sync); 6] = [
+                        let params: [&(dyn ToSql + Sync); 7] = [
                             &key,
                             &e.etag,
                             &e.last_modified,
                             &e.ambiguous,
                             &e.lease_token,
                             &e.lease_expires_at,
+                            &e.seeded,
                         ];
                         self.query_opt(&self.sql.remove, &params).await?
                     }
@@ -411,14 +583,20 @@ const MIGRATION_LOCK: i64 = 0x7470_7265_636f_6e64;
 
 /// The columns of an entry, in order.
 const ENTRY_COLUMNS: &str =
-    "etag, last_modified, last_modified_ambiguous, lease_token, lease_expires_at_ms";
+    "etag, last_modified, last_modified_ambiguous, lease_token, lease_expires_at_ms, seeded";
+
+/// The database's clock in milliseconds since the Unix epoch, as SQL.
+const CLOCK_MILLIS: &str = "(extract(epoch FROM clock_timestamp()) * 1000)::bigint";
 
 /// The statements for one table, built once.
 #[derive(Debug)]
 pub(crate) struct Sql {
     pub(crate) table: String,
-    pub(crate) create_table: String,
+    /// `CREATE TABLE IF NOT EXISTS`, then the columns later versions added, for
+    /// tables made earlier.
+    migration: String,
     load: String,
+    clock: String,
     create: String,
     replace: String,
     remove: String,
@@ -437,38 +615,55 @@ impl Sql {
              AND t.last_modified IS NOT DISTINCT FROM $3::bigint \
              AND t.last_modified_ambiguous IS NOT DISTINCT FROM $4::boolean \
              AND t.lease_token IS NOT DISTINCT FROM $5::text \
-             AND t.lease_expires_at_ms IS NOT DISTINCT FROM $6::bigint";
+             AND t.lease_expires_at_ms IS NOT DISTINCT FROM $6::bigint \
+             AND t.seeded = $7::boolean";
         let lock_current = format!(
             "WITH cur AS MATERIALIZED (SELECT {ENTRY_COLUMNS} FROM {t} \
              WHERE resource_key = $1::text FOR UPDATE)"
         );
-        Self {
-            table: t.clone(),
-            create_table: format!(
-                "CREATE TABLE IF NOT EXISTS {t} (\n    \
+        let create_table = format!(
+            "CREATE TABLE IF NOT EXISTS {t} (\n    \
                  resource_key TEXT PRIMARY KEY,\n    \
                  etag TEXT,\n    \
                  last_modified BIGINT,\n    \
                  last_modified_ambiguous BOOLEAN,\n    \
                  lease_token TEXT,\n    \
                  lease_expires_at_ms BIGINT,\n    \
+                 seeded BOOLEAN NOT NULL DEFAULT false,\n    \
                  CHECK ((etag IS NULL) = (last_modified IS NULL) \
                  AND (etag IS NULL) = (last_modified_ambiguous IS NULL)),\n    \
                  CHECK ((lease_token IS NULL) = (lease_expires_at_ms IS NULL)),\n    \
                  CHECK (etag IS NOT NULL OR lease_token IS NOT NULL)\n)"
+        );
+        Self {
+            table: t.clone(),
+            // ALTER TABLE takes the table's strongest lock even when the column is
+            // there, and would queue every store call behind the longest open
+            // transaction: so only when the column is missing.
+            migration: format!(
+                "{create_table};\n\
+                 DO $migrate$ BEGIN\n    \
+                 IF NOT EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = '{t}'::regclass \
+                 AND attname = 'seeded' AND NOT attisdropped) THEN\n        \
+                 ALTER TABLE {t} ADD COLUMN seeded BOOLEAN NOT NULL DEFAULT false;\n    \
+                 END IF;\n\
+                 END $migrate$"
             ),
+            clock: format!("SELECT {CLOCK_MILLIS}"),
             load: format!("SELECT {ENTRY_COLUMNS} FROM {t} WHERE resource_key = $1::text"),
             create: format!(
                 "INSERT INTO {t} AS t (resource_key, {ENTRY_COLUMNS}) \
-                 VALUES ($1::text, $2::text, $3::bigint, $4::boolean, $5::text, $6::bigint) \
+                 VALUES ($1::text, $2::text, $3::bigint, $4::boolean, $5::text, $6::bigint, \
+                 $7::boolean) \
                  ON CONFLICT (resource_key) DO UPDATE SET resource_key = t.resource_key \
                  RETURNING t.etag, t.last_modified, t.last_modified_ambiguous, \
-                 t.lease_token, t.lease_expires_at_ms"
+                 t.lease_token, t.lease_expires_at_ms, t.seeded"
             ),
             replace: format!(
-                "{lock_current}, upd AS (UPDATE {t} AS t SET etag = $7::text, \
-                 last_modified = $8::bigint, last_modified_ambiguous = $9::boolean, \
-                 lease_token = $10::text, lease_expires_at_ms = $11::bigint \
+                "{lock_current}, upd AS (UPDATE {t} AS t SET etag = $8::text, \
+                 last_modified = $9::bigint, last_modified_ambiguous = $10::boolean, \
+                 lease_token = $11::text, lease_expires_at_ms = $12::bigint, \
+                 seeded = $13::boolean \
                  WHERE t.resource_key = $1::text AND {matches_expected} \
                  AND EXISTS (SELECT 1 FROM cur) RETURNING 1) \
                  SELECT (SELECT count(*) FROM upd) AS applied, {ENTRY_COLUMNS} FROM cur"
@@ -485,15 +680,15 @@ impl Sql {
                  SELECT $1::text, $2::text, $3::bigint, false \
                  WHERE NOT EXISTS (SELECT 1 FROM cur) \
                  ON CONFLICT (resource_key) DO NOTHING RETURNING 1) \
-                 SELECT false AS created, {ENTRY_COLUMNS} FROM cur \
+                 SELECT false AS created, {ENTRY_COLUMNS}, {CLOCK_MILLIS} AS now_ms FROM cur \
                  UNION ALL \
-                 SELECT true, NULL::text, NULL::bigint, NULL::boolean, NULL::text, NULL::bigint \
-                 FROM ins"
+                 SELECT true, NULL::text, NULL::bigint, NULL::boolean, NULL::text, NULL::bigint, \
+                 false, {CLOCK_MILLIS} FROM ins"
             ),
             tx_write: format!(
                 "UPDATE {t} SET etag = $2::text, last_modified = $3::bigint, \
                  last_modified_ambiguous = $4::boolean, lease_token = NULL, \
-                 lease_expires_at_ms = NULL WHERE resource_key = $1::text"
+                 lease_expires_at_ms = NULL, seeded = false WHERE resource_key = $1::text"
             ),
             tx_delete: format!("DELETE FROM {t} WHERE resource_key = $1::text"),
         }
@@ -507,6 +702,7 @@ pub(crate) struct Columns {
     pub(crate) ambiguous: Option<bool>,
     pub(crate) lease_token: Option<String>,
     pub(crate) lease_expires_at: Option<i64>,
+    pub(crate) seeded: bool,
 }
 
 impl Columns {
@@ -519,6 +715,7 @@ impl Columns {
             ambiguous: version.map(Version::last_modified_ambiguous),
             lease_token: lease.map(|l| l.token().to_string()),
             lease_expires_at: lease.map(|l| u64_to_bigint(l.expires_at_millis())),
+            seeded: version.is_some_and(Version::is_seeded),
         }
     }
 }
@@ -534,7 +731,7 @@ fn bigint_to_u64(value: i64) -> u64 {
     value as u64
 }
 
-/// Decodes the five entry columns starting at column `first`.
+/// Decodes the six entry columns starting at column `first`.
 pub(crate) fn entry_from_row(row: &Row, first: usize) -> Result<Option<Entry>, StoreError> {
     fn col<'a, T: tokio_postgres::types::FromSql<'a>>(
         row: &'a Row,
@@ -548,6 +745,7 @@ pub(crate) fn entry_from_row(row: &Row, first: usize) -> Result<Option<Entry>, S
     let ambiguous: Option<bool> = col(row, first + 2)?;
     let token: Option<String> = col(row, first + 3)?;
     let expires: Option<i64> = col(row, first + 4)?;
+    let seeded: bool = col(row, first + 5)?;
 
     let version = match (etag, last_modified, ambiguous) {
         (Some(etag), Some(secs), Some(ambiguous)) => {
@@ -556,7 +754,10 @@ pub(crate) fn entry_from_row(row: &Row, first: usize) -> Result<Option<Entry>, S
             })?;
             let version = Version::from_parts(tag, bigint_to_u64(secs), ambiguous)
                 .ok_or_else(|| StoreError::corrupt("stored version is not strong"))?;
-            Some(version)
+            Some(version.with_seeded(seeded))
+        }
+        (None, None, None) if seeded => {
+            return Err(StoreError::corrupt("seeded flag without a version"))
         }
         (None, None, None) => None,
         _ => return Err(StoreError::corrupt("partial version columns")),
@@ -598,7 +799,8 @@ pub(crate) fn pool_from_url(url: &str, max_size: usize) -> Result<Pool, StoreErr
         .map_err(|e| StoreError::unavailable("cannot build the connection pool").with_source(e))
 }
 
-/// Maps a Postgres error: a cancelled statement (`statement_timeout`) is a timeout,
+/// Maps a Postgres error: a cancelled statement (`statement_timeout`, or
+/// `lock_timeout`) is a timeout,
 /// anything else makes the store unavailable (the layer fails closed either way).
 pub(crate) fn pg_error(context: &str, error: tokio_postgres::Error) -> StoreError {
     let code = error.code();
@@ -607,11 +809,12 @@ pub(crate) fn pg_error(context: &str, error: tokio_postgres::Error) -> StoreErro
     } else {
         context.to_owned()
     };
-    let store_error = if code == Some(&SqlState::QUERY_CANCELED) {
-        StoreError::timeout(message)
-    } else {
-        StoreError::unavailable(message)
-    };
+    let store_error =
+        if code == Some(&SqlState::QUERY_CANCELED) || code == Some(&SqlState::LOCK_NOT_AVAILABLE) {
+            StoreError::timeout(message)
+        } else {
+            StoreError::unavailable(message)
+        };
     store_error.with_source(error)
 }
 
@@ -665,7 +868,7 @@ mod tests {
         let sql = Sql::new(&TableName::parse("s.t").unwrap());
         assert!(sql.replace.contains("\"s\".\"t\""));
         assert!(sql
-            .create_table
+            .migration
             .starts_with("CREATE TABLE IF NOT EXISTS \"s\".\"t\""));
     }
 }

@@ -37,6 +37,7 @@
 //! | write (reserve, then settle) | 3 (`HGETALL`, `EVALSHA`, `EVALSHA`) |
 //! | write refused with `412` / `409` | 1 (`HGETALL`) |
 //! | a request that finds an expired lease | 1 more (`EVALSHA`: the takeover) |
+//! | the layer's clock sample, at most once a second per process | 1 (`EVALSHA`) |
 //!
 //! A compare-and-set that loses answers with the entry it found in the same reply, so a
 //! conflicting write costs no extra round trip to learn why.
@@ -58,17 +59,32 @@
 //! | `modified` | last-modified, seconds since the Unix epoch, decimal |
 //! | `ambiguous` | `1` if another version was committed in the same second, else `0` |
 //! | `lease` | while a write is in flight: its token, 32 lowercase hex digits |
-//! | `expires` | the lease's expiry, milliseconds since the Unix epoch, decimal |
+//! | `seeded` | `1` if a read, not a write, gave the version; absent otherwise |
+//! | `lease` | while a write is in flight: its token, 32 lowercase hex digits |
+//! | `expires` | the lease's expiry on the store's clock (below), ms, decimal; `0` for a release marker |
 //!
 //! A hash that is not exactly this (an unknown field, half a version, a number with a
-//! leading zero, a key of another type) is a [corrupt](StoreErrorKind::Corrupt) entry:
-//! the layer answers `503` rather than guess.
+//! leading zero, a `seeded` other than `1`, a key of another type) is a
+//! [corrupt](StoreErrorKind::Corrupt) entry: the layer answers `503` rather than guess.
+//!
+//! # The clock
+//!
+//! Leases are stamped and judged by the store's clock
+//! ([`clock_millis`](AtomicVersionStore::clock_millis)), never by an app host's: it is
+//! [`CLOCK_SCRIPT`], run on the store's clock key `<prefix>{\clock}`
+//! ([`RedisStore::clock_key`]). The script reads the server's `TIME` and answers the
+//! larger of that and the highest time it answered before, which it keeps in the
+//! clock key: the clock never goes backwards, even when the server's wall clock steps
+//! back (it then stands still until `TIME` catches up). Because the call names one
+//! fixed key, a cluster routes it to the one node that serves that key's slot, so every
+//! process, and every key whatever its node, is judged by the same clock. The layer
+//! samples it about once a second and extrapolates in between.
 //!
 //! # The script
 //!
 //! [`COMPARE_AND_SET_SCRIPT`] compares the stored hash, field by field and absent vs
 //! present, with the expected entry; on a match it replaces the hash by the new entry
-//! (or deletes it) and sets its time to live. On a mismatch it checks whether the
+//! (or deletes it). On a mismatch it checks whether the
 //! stored hash already *is* the new entry: then the call is a replay (a command re-sent
 //! after it had already run) and answers "applied", never a conflict. Otherwise it
 //! answers with the stored hash.
@@ -107,7 +123,12 @@
 //!
 //! Every command names exactly one key, the entry's: `HGETALL` and the script call
 //! (with the entry as its only `KEYS[1]`) go to the master of the entry's slot;
-//! redis-rs follows `MOVED` / `ASK` when slots move. Each node has its own script
+//! redis-rs follows `MOVED` / `ASK` when slots move. The clock call names the clock
+//! key, so every process reads the clock of the one master that serves its slot,
+//! whichever node holds the entry the lease is on. After a failover of that master,
+//! its replica's clock takes over, starting from the replicated high mark (the clock
+//! goes back only by what asynchronous replication lost, plus the wall-clock
+//! difference between the two hosts: keep them NTP-synchronised). Each node has its own script
 //! cache: the first call that reaches a node without the script gets `NOSCRIPT` from
 //! that node and is resent there as `EVAL`, so a new node, a failover or a
 //! `SCRIPT FLUSH` on any node costs one extra round trip to that node. The cluster
@@ -116,32 +137,33 @@
 //! store's connection: a lagging replica would answer a read with a version that was
 //! already replaced (a wrong `304`).
 //!
-//! # Leases expire inside Redis too
+//! # Nothing expires inside Redis
 //!
-//! An entry that holds a lease gets a time to live: the time left on the lease plus a
-//! grace ([`lease_grace`](RedisStore::lease_grace), one hour by default). An app that
-//! crashes mid-write therefore leaves nothing in Redis forever. Within the grace the
-//! layer's own rule applies: the next request (a write or a read) finds the expired
-//! lease and takes it over with a *fresh* version, so every old `ETag` fails. After the grace Redis drops the
-//! entry; that is safe too, because a missing entry matches no `If-Match` tag and no
-//! `If-Unmodified-Since` on a write (they get `412`), and a read of the resource seeds
-//! a new random version. The time to live is relative (computed by the app's clock, not
-//! an absolute time Redis would read with its own clock), so a clock difference between
-//! the app and Redis cannot drop a live lease; the grace is there to absorb clock
-//! differences between app hosts and to keep a crashed write visible for a while.
+//! The store never gives a key a time to live. An entry is the layer's memory of a
+//! write: removing it behind the layer's back loses what the layer must know. A lease
+//! whose writer crashed stands for a write of *unknown outcome*; it stays in Redis,
+//! expired, until the next request for the resource (a write or a read) takes it over
+//! with a fresh version, so every old `ETag` fails (invariant 3) and the resource is
+//! still known to exist (`If-None-Match: *` gets `412`, as with every other store). Had
+//! Redis dropped the entry instead, that create would pass. A committed version stays
+//! for the same reason: forgetting it forgets that the resource exists. A crashed
+//! process therefore leaves at most its in-flight leases, one small hash each, until
+//! the next request for those resources. A `DELETE` that succeeds removes its entry.
 //!
-//! A committed entry (no lease) never expires unless you ask for it with
-//! [`version_ttl`](RedisStore::version_ttl); a forgotten version is safe for the same
-//! reason as above.
+//! Keys written by versions of this crate that set a time to live (`lease_grace`,
+//! `version_ttl`) lose it at their next compare-and-set, which rewrites the hash.
 //!
 //! # Durability, replication and failover: what Redis can and cannot promise
 //!
 //! * **No persistence** (`--save "" --appendonly no`): a Redis restart forgets every
-//!   version. That is safe: every old `ETag` then fails with `412` (no entry matches
-//!   it) and reads seed new random versions. Leases are forgotten too, so a write that
-//!   was in flight during the restart is no longer fenced: handlers should make their
-//!   own writes conditional (the [`Reservation`](crate::Reservation) tells them what
-//!   they expect).
+//!   entry. No stale `ETag` can match (none matches a missing entry: `412`), and reads
+//!   seed new random versions. But what the entries knew is gone: the layer no longer
+//!   knows which resources exist (an `If-None-Match: *` create is then decided by the
+//!   handler's own conditional insert alone), and a write that was in flight during
+//!   the restart is no longer fenced by its lease (a second write can start; the first
+//!   one's settle then finds its lease gone and answers `503`, not `2xx`). Handlers
+//!   should make their own writes conditional (the [`Reservation`](crate::Reservation)
+//!   tells them what they expect), or use persistence as below.
 //! * **AOF with `appendfsync always`**: a restart loses nothing.
 //! * **RDB snapshots, or AOF with `appendfsync everysec`**: a restart may load an
 //!   *older* state, in which an older version is current again. An `ETag` that had
@@ -156,8 +178,15 @@
 //!   for data kept elsewhere. `WAIT` and `min-replicas-to-write` narrow that window but
 //!   do not close it. If the data lives in Postgres and no update may ever be lost, use
 //!   the Postgres store. Scripts are reloaded on the new primary transparently.
-//! * **Eviction**: a `maxmemory` policy that evicts these keys only forgets versions
-//!   (safe, as above); `noeviction` makes writes fail with `503` when memory is full.
+//! * **Eviction is not safe.** A `maxmemory` policy that evicts these keys
+//!   (`allkeys-lru`, `allkeys-lfu`, `allkeys-random`) can evict a *live lease*: a second
+//!   write of the same resource then starts while the first still runs, a lost update.
+//!   It can evict a version too (the resource's existence is forgotten, as after a
+//!   restart) or the clock key (the clock may then step back by as much as the server's
+//!   wall clock did). Use `noeviction` (the default; writes then fail closed with `503`
+//!   when memory is full), or a Redis of its own for this store. The `volatile-*`
+//!   policies evict only keys with a time to live, which this store never sets, so they
+//!   leave its keys alone.
 //!
 //! # Errors
 //!
@@ -171,7 +200,7 @@
 use std::{
     fmt,
     sync::{Arc, LazyLock},
-    time::{Duration, SystemTime},
+    time::Duration,
 };
 
 use redis::{
@@ -180,19 +209,18 @@ use redis::{
 };
 
 use super::{
-    unix_millis, AtomicVersionStore, CasOutcome, Entry, Lease, LeaseToken, StoreError,
-    StoreErrorKind, Version,
+    AtomicVersionStore, CasOutcome, Entry, Lease, LeaseToken, StoreError, StoreErrorKind, Version,
 };
 use crate::etag::EntityTag;
 
 /// The Lua script behind every [`RedisStore::compare_and_set`], run with `EVALSHA`.
 ///
 /// `KEYS[1]` is the entry's hash. `ARGV` is `n_expected, field, value, ...,
-/// n_new, field, value, ..., ttl_ms`: the expected entry's field/value pairs (none for
-/// "no entry"), the new entry's pairs (none to remove the entry), and the new entry's
-/// time to live in milliseconds (`0` for none). The answer is `{1}` when the new entry
-/// is stored (or already was: a replay), or `{0, field, value, ...}` with the stored
-/// pairs when the expected entry was not found.
+/// n_new, field, value, ...`: the expected entry's field/value pairs (none for
+/// "no entry") and the new entry's pairs (none to remove the entry). The answer is
+/// `{1}` when the new entry is stored (or already was: a replay), or
+/// `{0, field, value, ...}` with the stored pairs when the expected entry was not found.
+/// The entry never gets a time to live (see the [module docs](self#nothing-expires-inside-redis)).
 pub const COMPARE_AND_SET_SCRIPT: &str = r"
 local key = KEYS[1]
 local current = redis.call('HGETALL', key)
@@ -216,8 +244,6 @@ if holds(2, expected_n) then
   if #current > 0 then redis.call('DEL', key) end
   if new_n > 0 then
     redis.call('HSET', key, unpack(ARGV, new_at + 1, new_at + 2 * new_n))
-    local ttl = tonumber(ARGV[new_at + 2 * new_n + 1])
-    if ttl > 0 then redis.call('PEXPIRE', key, ttl) end
   end
   return {1}
 end
@@ -232,23 +258,41 @@ return current
 static SCRIPT: LazyLock<redis::Script> =
     LazyLock::new(|| redis::Script::new(COMPARE_AND_SET_SCRIPT));
 
+/// The Lua script behind [`RedisStore::clock_millis`], run with `EVALSHA`.
+///
+/// `KEYS[1]` is the store's clock key ([`RedisStore::clock_key`]). It reads the server's
+/// `TIME` in milliseconds and answers the larger of that and the highest time it
+/// answered before (kept in the clock key), so the clock never goes backwards, even
+/// when the server's wall clock steps back.
+pub const CLOCK_SCRIPT: &str = r"
+-- Redis before 5 replicates scripts verbatim, which forbids a write after TIME.
+if redis.replicate_commands then redis.replicate_commands() end
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local stored = redis.call('GET', KEYS[1])
+local last = 0
+if stored then
+  last = tonumber(stored)
+  if not last or last < 0 or last ~= math.floor(last) then
+    return redis.error_reply('the clock key holds no time')
+  end
+end
+if last >= now then return last end
+redis.call('SET', KEYS[1], string.format('%d', now))
+return now
+";
+
+static CLOCK: LazyLock<redis::Script> = LazyLock::new(|| redis::Script::new(CLOCK_SCRIPT));
+
 const FIELD_ETAG: &str = "etag";
 const FIELD_MODIFIED: &str = "modified";
 const FIELD_AMBIGUOUS: &str = "ambiguous";
 const FIELD_LEASE: &str = "lease";
 const FIELD_EXPIRES: &str = "expires";
+const FIELD_SEEDED: &str = "seeded";
 
 /// The default key prefix.
 pub const DEFAULT_PREFIX: &str = "precondition:";
-
-/// The default time an entry with a lease outlives the lease inside Redis.
-pub const DEFAULT_LEASE_GRACE: Duration = Duration::from_secs(3600);
-
-/// The longest time to live the store gives an entry (ten years): larger settings
-/// saturate to it. The script writes the entry before its `PEXPIRE`, so a time to live
-/// Redis rejects would fail the call after the write; this bound is far inside what
-/// `PEXPIRE` and the script's number handling accept.
-pub const MAX_TTL: Duration = Duration::from_secs(10 * 365 * 24 * 60 * 60);
 
 /// An [`AtomicVersionStore`] in Redis, shared by every process that uses the same Redis
 /// and prefix. See the [module docs](self) for the data layout, the script, and what
@@ -272,16 +316,12 @@ pub const MAX_TTL: Duration = Duration::from_secs(10 * 365 * 24 * 60 * 60);
 pub struct RedisStore<C = ConnectionManager> {
     connection: C,
     prefix: Arc<str>,
-    lease_grace: Duration,
-    version_ttl: Option<Duration>,
 }
 
 impl<C> fmt::Debug for RedisStore<C> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("RedisStore")
             .field("prefix", &self.prefix)
-            .field("lease_grace", &self.lease_grace)
-            .field("version_ttl", &self.version_ttl)
             .finish_non_exhaustive()
     }
 }
@@ -346,8 +386,6 @@ where
         Self {
             connection,
             prefix: escape_into(String::new(), DEFAULT_PREFIX).into(),
-            lease_grace: DEFAULT_LEASE_GRACE,
-            version_ttl: None,
         }
     }
 }
@@ -359,25 +397,6 @@ impl<C> RedisStore<C> {
     #[must_use]
     pub fn prefix(mut self, prefix: impl AsRef<str>) -> Self {
         self.prefix = escape_into(String::new(), prefix.as_ref()).into();
-        self
-    }
-
-    /// How long an entry with a lease outlives the lease inside Redis before Redis drops
-    /// it (default [`DEFAULT_LEASE_GRACE`]). Clamped to between 1 ms and [`MAX_TTL`]
-    /// (the entry's whole time to live, lease plus grace, is capped at [`MAX_TTL`] too).
-    #[must_use]
-    pub fn lease_grace(mut self, grace: Duration) -> Self {
-        self.lease_grace = grace.clamp(Duration::from_millis(1), MAX_TTL);
-        self
-    }
-
-    /// Lets committed versions expire after `ttl` without a write (default: never).
-    /// An expired version is forgotten safely: old `ETag`s then fail, and the next read
-    /// seeds a new version. Useful to bound memory when most resources go cold.
-    /// Clamped to between 1 ms and [`MAX_TTL`].
-    #[must_use]
-    pub fn version_ttl(mut self, ttl: Option<Duration>) -> Self {
-        self.version_ttl = ttl.map(|t| t.clamp(Duration::from_millis(1), MAX_TTL));
         self
     }
 
@@ -399,20 +418,14 @@ impl<C> RedisStore<C> {
         out
     }
 
-    /// The time to live of a new entry, in milliseconds; 0 for none.
-    fn ttl_millis(&self, entry: &Entry) -> u64 {
-        let millis = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
-        let ttl = match entry.lease() {
-            Some(lease) => {
-                let left = lease
-                    .expires_at_millis()
-                    .saturating_sub(unix_millis(SystemTime::now()));
-                left.saturating_add(millis(self.lease_grace)).max(1)
-            }
-            None => self.version_ttl.map_or(0, millis),
-        };
-        // A lease far in the future (a custom caller's) must not overflow PEXPIRE.
-        ttl.min(millis(MAX_TTL))
+    /// The Redis key of the store's clock: `<prefix>{\clock}`. Every
+    /// [`clock_millis`](AtomicVersionStore::clock_millis) call names it, so in a cluster
+    /// they all go to the one node that serves its slot, and every process judges every
+    /// lease by that node's clock. No resource key escapes to `\clock` (an escaped
+    /// key's backslash is always followed by `\`, `(` or `)`), so the clock never
+    /// collides with an entry, nor with data kept at an entry's key plus a suffix.
+    pub fn clock_key(&self) -> String {
+        format!("{}{{\\clock}}", self.prefix)
     }
 }
 
@@ -451,33 +464,75 @@ where
         expected: Option<&Entry>,
         new: Option<&Entry>,
     ) -> Result<CasOutcome, StoreError> {
-        let call = |verb: &str, script: &[u8]| {
-            let mut cmd = redis::cmd(verb);
-            cmd.arg(script).arg(1).arg(self.redis_key(key));
-            push_entry(&mut cmd, expected);
-            push_entry(&mut cmd, new);
-            cmd.arg(new.map_or(0, |entry| self.ttl_millis(entry)));
-            cmd
-        };
-
-        let mut connection = self.connection.clone();
-        let evalsha = call("EVALSHA", SCRIPT.get_hash().as_bytes());
-        let reply = match evalsha.query_async::<Value>(&mut connection).await {
-            Err(e) if e.kind() == ErrorKind::Server(ServerErrorKind::NoScript) => {
-                // Redis lost its script cache (restart, failover, SCRIPT FLUSH); the call
-                // did not run. EVAL sends the script with the call, so it cannot miss the
-                // cache again (as SCRIPT LOAD + EVALSHA could, if flushed in between),
-                // and it puts the script back in the cache for the next EVALSHA.
-                tracing::info!("Redis had no compare-and-set script; sending it with EVAL");
-                call("EVAL", COMPARE_AND_SET_SCRIPT.as_bytes())
-                    .query_async::<Value>(&mut connection)
-                    .await
-            }
-            other => other,
-        }
-        .map_err(|e| store_error("compare-and-set script failed", e))?;
+        let reply = eval(
+            &self.connection,
+            &SCRIPT,
+            COMPARE_AND_SET_SCRIPT,
+            "compare-and-set",
+            |cmd| {
+                cmd.arg(1).arg(self.redis_key(key));
+                push_entry(cmd, expected);
+                push_entry(cmd, new);
+            },
+        )
+        .await?;
         decode_outcome(reply)
     }
+
+    async fn clock_millis(&self) -> Result<u64, StoreError> {
+        let reply = eval(&self.connection, &CLOCK, CLOCK_SCRIPT, "clock", |cmd| {
+            cmd.arg(1).arg(self.clock_key());
+        })
+        .await?;
+        match reply {
+            Value::Int(millis) => u64::try_from(millis)
+                .ok()
+                .filter(|&m| m > 0)
+                .ok_or_else(|| StoreError::corrupt("the clock script answered a time before 1970")),
+            _ => Err(StoreError::corrupt(
+                "the clock script answered a non-integer",
+            )),
+        }
+    }
+}
+
+/// Runs `script` with `EVALSHA` (its keys and arguments added by `args`), falling back
+/// to `EVAL` with its `source` when the server has no such script.
+async fn eval<C>(
+    connection: &C,
+    script: &redis::Script,
+    source: &str,
+    what: &str,
+    args: impl Fn(&mut Cmd),
+) -> Result<Value, StoreError>
+where
+    C: ConnectionLike + Clone + Send + Sync + 'static,
+{
+    let call = |verb: &str, script: &[u8]| {
+        let mut cmd = redis::cmd(verb);
+        cmd.arg(script);
+        args(&mut cmd);
+        cmd
+    };
+    let mut connection = connection.clone();
+    let evalsha = call("EVALSHA", script.get_hash().as_bytes());
+    match evalsha.query_async::<Value>(&mut connection).await {
+        Err(e) if e.kind() == ErrorKind::Server(ServerErrorKind::NoScript) => {
+            // Redis lost its script cache (restart, failover, SCRIPT FLUSH); the call
+            // did not run. EVAL sends the script with the call, so it cannot miss the
+            // cache again (as SCRIPT LOAD + EVALSHA could, if flushed in between),
+            // and it puts the script back in the cache for the next EVALSHA.
+            tracing::info!(
+                script = what,
+                "Redis had no such script; sending it with EVAL"
+            );
+            call("EVAL", source.as_bytes())
+                .query_async::<Value>(&mut connection)
+                .await
+        }
+        other => other,
+    }
+    .map_err(|e| store_error(&format!("{what} script failed"), e))
 }
 
 /// Appends an entry to a script call: its pair count, then its field/value pairs.
@@ -488,7 +543,9 @@ fn push_entry(cmd: &mut Cmd, entry: Option<&Entry>) {
     };
     let version = entry.version();
     let lease = entry.lease();
-    let pairs = 3 * usize::from(version.is_some()) + 2 * usize::from(lease.is_some());
+    let seeded = version.is_some_and(Version::is_seeded);
+    let pairs =
+        3 * usize::from(version.is_some()) + usize::from(seeded) + 2 * usize::from(lease.is_some());
     cmd.arg(pairs);
     if let Some(version) = version {
         cmd.arg(FIELD_ETAG)
@@ -501,6 +558,10 @@ fn push_entry(cmd: &mut Cmd, entry: Option<&Entry>) {
             } else {
                 "0"
             });
+        // Present only when true, so entries of unseeded versions keep their layout.
+        if seeded {
+            cmd.arg(FIELD_SEEDED).arg("1");
+        }
     }
     if let Some(lease) = lease {
         cmd.arg(FIELD_LEASE)
@@ -581,7 +642,7 @@ fn decode_entry(pairs: Pairs) -> Result<Option<Entry>, StoreError> {
     if pairs.is_empty() {
         return Ok(None);
     }
-    let mut fields: [Option<Vec<u8>>; 5] = Default::default();
+    let mut fields: [Option<Vec<u8>>; 6] = Default::default();
     for (field, value) in pairs {
         let slot = match field.as_slice() {
             f if f == FIELD_ETAG.as_bytes() => 0,
@@ -589,14 +650,24 @@ fn decode_entry(pairs: Pairs) -> Result<Option<Entry>, StoreError> {
             f if f == FIELD_AMBIGUOUS.as_bytes() => 2,
             f if f == FIELD_LEASE.as_bytes() => 3,
             f if f == FIELD_EXPIRES.as_bytes() => 4,
+            f if f == FIELD_SEEDED.as_bytes() => 5,
             _ => return Err(StoreError::corrupt("unknown field in a version entry")),
         };
         if fields[slot].replace(value).is_some() {
             return Err(StoreError::corrupt("repeated field in a version entry"));
         }
     }
-    let [etag, modified, ambiguous, lease, expires] = fields;
+    let [etag, modified, ambiguous, lease, expires, seeded] = fields;
+    // Written only as `1`, and only next to a version.
+    let seeded = match seeded.as_deref() {
+        None => false,
+        Some(b"1") => true,
+        Some(_) => return Err(StoreError::corrupt("invalid seeded flag")),
+    };
     let version = match (etag, modified, ambiguous) {
+        (None, None, None) if seeded => {
+            return Err(StoreError::corrupt("seeded flag without a version"))
+        }
         (None, None, None) => None,
         (Some(etag), Some(modified), Some(ambiguous)) => {
             let etag: String = etag.iter().map(|&b| char::from(b)).collect();
@@ -607,7 +678,7 @@ fn decode_entry(pairs: Pairs) -> Result<Option<Entry>, StoreError> {
                 b"1" => true,
                 _ => return Err(StoreError::corrupt("invalid ambiguity flag")),
             };
-            Version::from_parts(etag, decimal(&modified)?, ambiguous)
+            Version::from_parts(etag, decimal(&modified)?, ambiguous).map(|v| v.with_seeded(seeded))
         }
         _ => return Err(StoreError::corrupt("incomplete version")),
     };
@@ -695,7 +766,16 @@ mod tests {
             .version()
             .is_none());
 
-        let bad: [&[(&str, &[u8])]; 8] = [
+        let seeded = pairs(&[
+            ("etag", b"s"),
+            ("modified", b"1"),
+            ("ambiguous", b"0"),
+            ("seeded", b"1"),
+        ]);
+        let entry = decode_entry(seeded).unwrap().unwrap();
+        assert!(entry.version().unwrap().is_seeded());
+
+        let bad: [&[(&str, &[u8])]; 11] = [
             &[("etag", b"v"), ("modified", b"017"), ("ambiguous", b"0")],
             &[("etag", b"v"), ("modified", b"1"), ("ambiguous", b"2")],
             &[("etag", b"v"), ("modified", b"1")],
@@ -710,6 +790,24 @@ mod tests {
                 ("expires", b"1"),
             ],
             &[("other", b"x")],
+            // The seeded flag is written as `1` only, and only next to a version.
+            &[
+                ("etag", b"v"),
+                ("modified", b"1"),
+                ("ambiguous", b"0"),
+                ("seeded", b"0"),
+            ],
+            &[
+                ("etag", b"v"),
+                ("modified", b"1"),
+                ("ambiguous", b"0"),
+                ("seeded", b"yes"),
+            ],
+            &[
+                ("lease", b"0123456789abcdef0123456789abcdef"),
+                ("expires", b"1"),
+                ("seeded", b"1"),
+            ],
         ];
         for case in bad {
             let err = decode_entry(pairs(case)).unwrap_err();

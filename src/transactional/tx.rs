@@ -306,7 +306,7 @@ pub(crate) async fn begin(
 
     let lock_deadline = config.store_timeout.saturating_add(config.lock_timeout);
     let locked = tokio::time::timeout(lock_deadline, lock_row(&owner, &config, &key)).await;
-    let (created, entry) = match locked {
+    let (created, entry, now_millis) = match locked {
         Ok(Ok(row)) => row,
         Ok(Err(LockError::Busy)) => {
             tracing::info!(
@@ -326,10 +326,10 @@ pub(crate) async fn begin(
         }
     };
 
-    let now = SystemTime::now();
-    // A store-mode writer on the same table is fenced by the same lease rule.
+    // A store-mode writer on the same table is fenced by the same lease rule, judged
+    // by the database's clock (read by the lock statement, after the lock).
     let found = if created { None } else { entry.as_ref() };
-    let Some((base, takeover)) = write_base(found, now) else {
+    let Some((base, takeover)) = write_base(found, now_millis) else {
         tracing::info!(key = &*key, "a store-mode write is in flight (409)");
         owner.rollback().await;
         return Err(Problem::write_in_flight(config.retry_after));
@@ -398,7 +398,7 @@ async fn lock_row(
     owner: &TxOwner,
     config: &TxConfig,
     key: &str,
-) -> Result<(bool, Option<crate::store::Entry>), LockError> {
+) -> Result<(bool, Option<crate::store::Entry>, u64), LockError> {
     let map = |context: &str, error: tokio_postgres::Error| {
         let code = error.code();
         if code == Some(&SqlState::LOCK_NOT_AVAILABLE)
@@ -448,7 +448,11 @@ async fn lock_row(
             } else {
                 entry_from_row(row, 1).map_err(LockError::Store)?
             };
-            return Ok((created, entry));
+            let now_ms: i64 = row.try_get(7).map_err(|e| {
+                LockError::Store(StoreError::corrupt("bad `now_ms` column").with_source(e))
+            })?;
+            // A clock before 1970 (garbage) judges every lease live: 409, the safe side.
+            return Ok((created, entry, u64::try_from(now_ms).unwrap_or(0)));
         }
         // Neither found nor inserted: a concurrent create committed the row after
         // our statement's snapshot. The next statement's snapshot sees it.
