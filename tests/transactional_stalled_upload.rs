@@ -504,7 +504,7 @@ async fn every_transactional_setting_saturates() {
     )
     .await;
     assert_eq!(written.status, 200, "{written:?}");
-    // A refusal's Retry-After rounds Duration::MAX up without overflowing.
+    // A refusal's Retry-After: Duration::MAX saturates to the longest setting (365 days).
     let full = serve(&pool, |l| {
         l.request_body(RequestBodyConfig::streaming())
             .max_open_writes(1)
@@ -530,7 +530,7 @@ async fn every_transactional_setting_saturates() {
     )
     .await;
     assert_eq!(refused.status, 503, "{refused:?}");
-    assert_eq!(refused.header("retry-after"), Some(u64::MAX.to_string()));
+    assert_eq!(refused.header("retry-after"), Some((365 * 24 * 3600).to_string()));
     drop(stalled);
 
     let zero = serve(&pool, |l| {
