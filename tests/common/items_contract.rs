@@ -807,7 +807,7 @@ pub async fn run_require_preconditions_contract(example: &str, extra_env: &[(&st
 /// Opens a raw connection and sends the head of a `PUT path` announcing `announced`
 /// body bytes, then `sent` of them: a client that stalls (keep the stream) or is cut
 /// off (drop it).
-async fn partial_put(
+pub async fn partial_put(
     addr: SocketAddr,
     path: &str,
     extra: &str,
