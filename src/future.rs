@@ -484,6 +484,9 @@ async fn finish_write<B, E>(
 ) -> Output<B, E> {
     let settlement = match &result {
         Err(_) => Settlement::Unknown,
+        // The body failed while the handler read it (streamed): whatever it answered,
+        // it may have written part of it.
+        Ok(_) if guard.body_failed() => Settlement::Unknown,
         Ok(r) if r.status().is_success() && ctx.method == Method::DELETE => Settlement::Remove,
         Ok(r) if r.status().is_success() => Settlement::Commit(strong_etag(r.headers(), &ctx.key)),
         Ok(r) if r.status().is_client_error() => Settlement::Release,

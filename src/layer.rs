@@ -247,10 +247,10 @@ impl PreconditionLayer {
     /// [`RequestBodyConfig::streaming`] hands the body to the handler unread, for
     /// uploads too large to buffer. The cost: the lease is held while the client sends,
     /// so a stalled upload makes other writers of that resource get `409` until the
-    /// handler's deadline, which then gives the resource a fresh version; and a body
-    /// that fails mid-read is only seen by the handler (answer `4xx` then, and the old
-    /// version stays valid for a resource you did not change, or `5xx` for one you
-    /// may have half written).
+    /// handler's deadline, which then gives the resource a fresh version. A streamed
+    /// body that fails while the handler reads it (a client cut off mid-upload) makes
+    /// the write's outcome unknown whatever the handler answers: the resource gets a
+    /// fresh version ([`BufferableBody::watched`](crate::BufferableBody::watched)).
     pub fn request_body(mut self, config: RequestBodyConfig) -> Self {
         self.config.request_body = config;
         self

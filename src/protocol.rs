@@ -22,6 +22,7 @@ use crate::{
     evaluate::{evaluate, Decision, Preconditions},
     fresh::fresh_etag,
     layer::Config,
+    request_body::WatchFlag,
     response::Problem,
     store::{AtomicVersionStore, CasOutcome, Entry, Lease, LeaseToken, StoreError, Version},
 };
@@ -143,9 +144,21 @@ pub(crate) struct WriteGuard {
     deadline: Instant,
     store_timeout: Duration,
     on_drop: OnDrop,
+    /// Set when a streamed request body failed while the handler read it.
+    body_failed: Option<WatchFlag>,
 }
 
 impl WriteGuard {
+    /// Watches a streamed request body: if it fails, the write's outcome is unknown.
+    pub(crate) fn watch_body(&mut self, flag: Option<WatchFlag>) {
+        self.body_failed = flag;
+    }
+
+    /// Whether a streamed request body failed mid-read.
+    pub(crate) fn body_failed(&self) -> bool {
+        self.body_failed.as_ref().is_some_and(WatchFlag::is_set)
+    }
+
     pub(crate) fn reservation(&self) -> Reservation {
         Reservation {
             key: self.key.clone(),
@@ -510,6 +523,7 @@ pub(crate) async fn reserve(
             store_timeout: config.store_timeout,
             // Dropped while the reserve is in flight: undo our lease if it landed.
             on_drop: OnDrop::Unreserve,
+            body_failed: None,
         };
         let outcome = store_call(
             config.store_timeout,

@@ -72,6 +72,10 @@ use std::{
     fmt,
     future::Future,
     pin::Pin,
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc,
+    },
     task::{ready, Context, Poll},
     time::Duration,
 };
@@ -106,15 +110,88 @@ pub type BoxError = Box<dyn StdError + Send + Sync>;
 /// let body = <Full<Bytes> as BufferableBody>::from_bytes(Bytes::from_static(b"hello"));
 /// # let _ = body;
 /// ```
-pub trait BufferableBody: Body<Data = Bytes, Error: Into<BoxError>> + Send + 'static {
+pub trait BufferableBody:
+    Body<Data = Bytes, Error: Into<BoxError>> + Sized + Send + 'static
+{
     /// A body that yields `bytes` (in one frame, or none if empty) and then ends.
     fn from_bytes(bytes: Bytes) -> Self;
+
+    /// `body`, made to record in `failed` that it failed while the handler read it
+    /// (used when the body is [streamed](RequestBodyConfig::streaming), so that a body
+    /// cut off mid-upload gives the resource a fresh version whatever the handler
+    /// answers). The default hands `body` back unwatched: right for bodies that cannot
+    /// fail (`Full`, `String`).
+    fn watched(body: Self, failed: WatchFlag) -> Self {
+        let _ = failed;
+        body
+    }
+}
+
+/// Set by a [watched](BufferableBody::watched) body when it yields an error.
+#[derive(Clone, Debug, Default)]
+pub struct WatchFlag(Arc<AtomicBool>);
+
+impl WatchFlag {
+    /// Whether the body failed.
+    pub fn is_set(&self) -> bool {
+        self.0.load(Ordering::Acquire)
+    }
+
+    fn set(&self) {
+        self.0.store(true, Ordering::Release);
+    }
+}
+
+pin_project! {
+    /// A body that records its failure in a [`WatchFlag`] and is otherwise `B`.
+    #[derive(Debug)]
+    pub struct WatchedBody<B> {
+        #[pin]
+        inner: B,
+        failed: WatchFlag,
+    }
+}
+
+impl<B> WatchedBody<B> {
+    /// `inner`, recording its failure in `failed`.
+    pub fn new(inner: B, failed: WatchFlag) -> Self {
+        Self { inner, failed }
+    }
+}
+
+impl<B: Body> Body for WatchedBody<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        let this = self.project();
+        let frame = ready!(this.inner.poll_frame(cx));
+        if let Some(Err(_)) = &frame {
+            this.failed.set();
+        }
+        Poll::Ready(frame)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
 }
 
 #[cfg(feature = "axum")]
 impl BufferableBody for axum_core::body::Body {
     fn from_bytes(bytes: Bytes) -> Self {
         Self::from(bytes)
+    }
+
+    fn watched(body: Self, failed: WatchFlag) -> Self {
+        Self::new(WatchedBody::new(body, failed))
     }
 }
 
@@ -131,6 +208,10 @@ where
     fn from_bytes(bytes: Bytes) -> Self {
         Full::new(bytes).map_err(|never| match never {}).boxed()
     }
+
+    fn watched(body: Self, failed: WatchFlag) -> Self {
+        WatchedBody::new(body, failed).boxed()
+    }
 }
 
 impl<E> BufferableBody for UnsyncBoxBody<Bytes, E>
@@ -141,6 +222,10 @@ where
         Full::new(bytes)
             .map_err(|never| match never {})
             .boxed_unsync()
+    }
+
+    fn watched(body: Self, failed: WatchFlag) -> Self {
+        WatchedBody::new(body, failed).boxed_unsync()
     }
 }
 

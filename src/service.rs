@@ -15,7 +15,7 @@ use crate::{
     future::ResponseFuture,
     layer::Config,
     protocol,
-    request_body::BufferableBody,
+    request_body::{BufferableBody, WatchFlag},
     response::{Early, Problem},
 };
 
@@ -125,8 +125,13 @@ where
                     // The lease is taken once the body is in hand: a client that
                     // stalls its upload holds nothing that other writers wait for, and
                     // a body cut off mid-upload is refused before anything changes.
+                    let mut watch = None;
                     let request = if config.request_body.is_streaming() {
-                        request
+                        // Streamed: the handler reads it; a failure mid-read makes the
+                        // outcome unknown, whatever the handler answers.
+                        let flag = WatchFlag::default();
+                        watch = Some(flag.clone());
+                        request.map(|body| ReqBody::watched(body, flag))
                     } else {
                         let (parts, body) = request.into_parts();
                         let bytes = config
@@ -136,7 +141,8 @@ where
                             .map_err(|refusal| Early::Problem(Problem::from(&refusal)))?;
                         Request::from_parts(parts, ReqBody::from_bytes(bytes))
                     };
-                    let guard = protocol::reserve(config, key, method, pre).await?;
+                    let mut guard = protocol::reserve(config, key, method, pre).await?;
+                    guard.watch_body(watch);
                     Ok((request, guard))
                 }
             };

@@ -488,3 +488,82 @@ async fn finding_7_9_a_read_racing_a_delete_cannot_bring_the_item_back() {
         );
     }
 }
+
+// ---------------------------------------------------------------------------------
+// 4. A body cut off mid-upload keeps the old ETag valid
+// ---------------------------------------------------------------------------------
+
+/// A body that sends one chunk, then fails, as a connection cut mid-upload does.
+fn failing_body() -> Body {
+    let chunks: Vec<Result<Bytes, std::io::Error>> = vec![
+        Ok(Bytes::from_static(b"{\"half\":")),
+        Err(std::io::Error::new(
+            std::io::ErrorKind::ConnectionReset,
+            "cut off",
+        )),
+    ];
+    Body::from_stream(futures_util::stream::iter(chunks))
+}
+
+fn upload_app(layer: PreconditionLayer) -> (Router, Arc<AtomicUsize>) {
+    let handled = Arc::new(AtomicUsize::new(0));
+    let counter = handled.clone();
+    let router = Router::new()
+        .route(
+            "/items/{id}",
+            get(|| async { "body" }).put(move |body: Bytes| {
+                let counter = counter.clone();
+                async move {
+                    // Reached only with the whole body: it would be written now.
+                    counter.fetch_add(1, Ordering::SeqCst);
+                    let _ = body;
+                    StatusCode::OK
+                }
+            }),
+        )
+        .layer(layer);
+    (router, handled)
+}
+
+async fn put_body(app: &Router, tag: &str, body: Body) -> StatusCode {
+    let request = axum::http::Request::put("/items/1")
+        .header(header::IF_MATCH, tag)
+        .body(body)
+        .unwrap();
+    app.clone().oneshot(request).await.unwrap().status()
+}
+
+#[tokio::test]
+async fn finding_7_4_a_body_cut_off_mid_upload_changes_nothing_and_reaches_no_handler() {
+    let (app, handled) = upload_app(PreconditionLayer::new(MemoryStore::new()));
+    let old = get_etag(&app, "/items/1").await;
+    assert_eq!(
+        put_body(&app, &old, failing_body()).await,
+        StatusCode::BAD_REQUEST
+    );
+    assert_eq!(
+        handled.load(Ordering::SeqCst),
+        0,
+        "the handler saw a cut-off body"
+    );
+    // Nothing changed: the old ETag is still current, for reads and writes.
+    assert_eq!(get_etag(&app, "/items/1").await, old);
+    assert_eq!(put_body(&app, &old, Body::from("{}")).await, StatusCode::OK);
+}
+
+#[tokio::test]
+async fn finding_7_4_a_streamed_body_that_fails_mid_read_invalidates_the_old_etag() {
+    let layer = PreconditionLayer::new(MemoryStore::new())
+        .request_body(tower_precondition::RequestBodyConfig::streaming());
+    let (app, _) = upload_app(layer);
+    let old = get_etag(&app, "/items/1").await;
+    // The handler's extractor fails on the broken body and answers 4xx; it could have
+    // written part of it, so the old tag must stop matching.
+    let status = put_body(&app, &old, failing_body()).await;
+    assert!(status.is_client_error(), "{status}");
+    assert_ne!(get_etag(&app, "/items/1").await, old);
+    assert_eq!(
+        put_body(&app, &old, Body::from("{}")).await,
+        StatusCode::PRECONDITION_FAILED
+    );
+}

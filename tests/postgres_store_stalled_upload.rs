@@ -27,7 +27,9 @@ async fn finding_8_1_store_mode_over_postgres_lets_a_valid_write_through_while_u
     let store = store(&pool, VERSIONS).await;
     items_table(&pool, ITEMS).await;
     let (app, _) = app(Mode::Store, store, ITEMS);
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
     let addr = listener.local_addr().expect("addr");
     let server = tokio::spawn(async move {
         let _ = axum::serve(listener, app).await;
@@ -48,9 +50,16 @@ async fn finding_8_1_store_mode_over_postgres_lets_a_valid_write_through_while_u
     tokio::time::sleep(Duration::from_millis(200)).await;
     let started = Instant::now();
     let write = client
-        .put(&path, &[(header::IF_MATCH, tag.as_str())], &json!({"name": "desk"}))
+        .put(
+            &path,
+            &[(header::IF_MATCH, tag.as_str())],
+            &json!({"name": "desk"}),
+        )
         .await;
-    assert!(write.status.is_success(), "a valid write while uploads stall: {write:?}");
+    assert!(
+        write.status.is_success(),
+        "a valid write while uploads stall: {write:?}"
+    );
     assert!(
         started.elapsed() < Duration::from_secs(3),
         "the valid write waited {:?} behind stalled uploads",
@@ -64,10 +73,18 @@ async fn finding_8_1_store_mode_over_postgres_lets_a_valid_write_through_while_u
     drop(partial_put(addr, &path, &head, 200, 30).await);
     tokio::time::sleep(Duration::from_millis(300)).await;
     let read = client.get(&path, &[]).await;
-    assert_eq!(read.json()["name"], json!("desk"), "a cut-off body was written");
+    assert_eq!(
+        read.json()["name"],
+        json!("desk"),
+        "a cut-off body was written"
+    );
     assert_eq!(read.etag().as_deref(), Some(tag.as_str()));
     let write = client
-        .put(&path, &[(header::IF_MATCH, tag.as_str())], &json!({"name": "chair"}))
+        .put(
+            &path,
+            &[(header::IF_MATCH, tag.as_str())],
+            &json!({"name": "chair"}),
+        )
         .await;
     assert!(write.status.is_success(), "{write:?}");
     server.abort();

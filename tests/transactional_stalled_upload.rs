@@ -530,7 +530,10 @@ async fn every_transactional_setting_saturates() {
     )
     .await;
     assert_eq!(refused.status, 503, "{refused:?}");
-    assert_eq!(refused.header("retry-after"), Some((365 * 24 * 3600).to_string()));
+    assert_eq!(
+        refused.header("retry-after"),
+        Some((365 * 24 * 3600).to_string())
+    );
     drop(stalled);
 
     let zero = serve(&pool, |l| {
