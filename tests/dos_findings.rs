@@ -3,17 +3,20 @@
 //! test each, named for the finding. Each failed on 0.1.0. Through a real axum
 //! `Router` over the memory store.
 
+#[path = "common/oneshot.rs"]
+mod oneshot;
+
 use std::{sync::Arc, time::Duration};
 
 use axum::{
-    body::{to_bytes, Body, Bytes},
+    body::Bytes,
     extract::Request,
-    http::{header, HeaderMap, Method, Response as HttpResponse, StatusCode},
+    http::{header, Method, Response as HttpResponse, StatusCode},
     response::{IntoResponse, Response},
     routing::get,
     Router,
 };
-use tower::ServiceExt;
+use oneshot::{send, Reply};
 use tower_precondition::{MemoryStore, PreconditionLayer};
 
 /// Items visible to their owner only: anyone else gets 404, as if they did not exist.
@@ -66,30 +69,6 @@ fn owner_only(layer: PreconditionLayer) -> PreconditionLayer {
             }
         }
     })
-}
-
-struct Reply {
-    status: StatusCode,
-    headers: HeaderMap,
-    body: Bytes,
-}
-
-async fn send(app: &Router, method: Method, uri: &str, headers: &[(&str, &str)]) -> Reply {
-    let mut request = axum::http::Request::builder().method(method).uri(uri);
-    for (name, value) in headers {
-        request = request.header(*name, *value);
-    }
-    let response = app
-        .clone()
-        .oneshot(request.body(Body::empty()).unwrap())
-        .await
-        .unwrap();
-    let (parts, body) = response.into_parts();
-    Reply {
-        status: parts.status,
-        headers: parts.headers,
-        body: to_bytes(body, usize::MAX).await.unwrap(),
-    }
 }
 
 async fn owner_etag(app: &Router) -> String {

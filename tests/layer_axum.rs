@@ -4,6 +4,9 @@
 //! headers (`x-status`, `x-etag`, `x-sleep-ms`, `x-block`) and count their calls, so a
 //! test can tell whether the layer let a request reach the handler.
 
+#[path = "common/oneshot.rs"]
+mod oneshot;
+
 use std::{
     sync::{
         atomic::{AtomicBool, AtomicUsize, Ordering},
@@ -13,14 +16,14 @@ use std::{
 };
 
 use axum::{
-    body::{to_bytes, Body},
+    body::Body,
     extract::{Request, State},
     http::{header, HeaderMap, HeaderValue, Method, StatusCode},
     response::{IntoResponse, Response},
     routing::get,
     Router,
 };
-use bytes::Bytes;
+use oneshot::{get_etag, send};
 use tokio::sync::Notify;
 use tower::ServiceExt;
 use tower_precondition::{
@@ -118,61 +121,6 @@ fn app_with(layer: PreconditionLayer) -> (Router, Arc<Shared>) {
 
 fn app() -> (Router, Arc<Shared>) {
     app_with(PreconditionLayer::new(MemoryStore::new()))
-}
-
-struct Reply {
-    status: StatusCode,
-    headers: HeaderMap,
-    body: Bytes,
-}
-
-impl Reply {
-    fn etag(&self) -> Option<&str> {
-        self.headers.get(header::ETAG).map(|v| v.to_str().unwrap())
-    }
-
-    fn header(&self, name: &str) -> Option<&str> {
-        self.headers.get(name).map(|v| v.to_str().unwrap())
-    }
-
-    fn problem(&self) -> serde_json::Value {
-        assert_eq!(
-            self.header("content-type"),
-            Some("application/problem+json"),
-            "status {}",
-            self.status
-        );
-        let doc: serde_json::Value = serde_json::from_slice(&self.body).expect("problem json");
-        assert_eq!(doc["status"], self.status.as_u16(), "{doc}");
-        for member in ["title", "detail", "code", "type"] {
-            assert!(doc[member].is_string(), "member {member} in {doc}");
-        }
-        doc
-    }
-}
-
-async fn send(app: &Router, method: Method, uri: &str, headers: &[(&str, &str)]) -> Reply {
-    let mut request = axum::http::Request::builder().method(method).uri(uri);
-    for (name, value) in headers {
-        request = request.header(*name, *value);
-    }
-    let response = app
-        .clone()
-        .oneshot(request.body(Body::empty()).unwrap())
-        .await
-        .unwrap();
-    let (parts, body) = response.into_parts();
-    Reply {
-        status: parts.status,
-        headers: parts.headers,
-        body: to_bytes(body, usize::MAX).await.unwrap(),
-    }
-}
-
-async fn get_etag(app: &Router, uri: &str) -> String {
-    let r = send(app, Method::GET, uri, &[]).await;
-    assert_eq!(r.status, StatusCode::OK);
-    r.etag().expect("GET has an ETag").to_owned()
 }
 
 // ---------------------------------------------------------------------------------

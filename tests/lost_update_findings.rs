@@ -4,6 +4,9 @@
 //! memory store (the mechanism under test is the shared protocol; the Redis and
 //! Postgres stores run the same protocol and their own contract suites).
 
+#[path = "common/oneshot.rs"]
+mod oneshot;
+
 use std::{
     sync::{
         atomic::{AtomicUsize, Ordering},
@@ -13,7 +16,7 @@ use std::{
 };
 
 use axum::{
-    body::{to_bytes, Body},
+    body::Body,
     extract::{Request, State},
     http::{header, HeaderMap, Method, StatusCode},
     response::{IntoResponse, Response},
@@ -21,6 +24,7 @@ use axum::{
     Router,
 };
 use bytes::Bytes;
+use oneshot::{get_etag, send};
 use tokio::sync::Notify;
 use tower::ServiceExt;
 use tower_precondition::{
@@ -82,47 +86,6 @@ fn app_with(layer: PreconditionLayer) -> (Router, Arc<Shared>) {
         .with_state(shared.clone())
         .layer(layer);
     (router, shared)
-}
-
-struct Reply {
-    status: StatusCode,
-    headers: HeaderMap,
-    body: Bytes,
-}
-
-impl Reply {
-    fn etag(&self) -> Option<&str> {
-        self.headers.get(header::ETAG).map(|v| v.to_str().unwrap())
-    }
-
-    fn code(&self) -> String {
-        let doc: serde_json::Value = serde_json::from_slice(&self.body).expect("problem json");
-        doc["code"].as_str().expect("code").to_owned()
-    }
-}
-
-async fn send(app: &Router, method: Method, uri: &str, headers: &[(&str, &str)]) -> Reply {
-    let mut request = axum::http::Request::builder().method(method).uri(uri);
-    for (name, value) in headers {
-        request = request.header(*name, *value);
-    }
-    let response = app
-        .clone()
-        .oneshot(request.body(Body::empty()).unwrap())
-        .await
-        .unwrap();
-    let (parts, body) = response.into_parts();
-    Reply {
-        status: parts.status,
-        headers: parts.headers,
-        body: to_bytes(body, usize::MAX).await.unwrap(),
-    }
-}
-
-async fn get_etag(app: &Router, uri: &str) -> String {
-    let r = send(app, Method::GET, uri, &[]).await;
-    assert_eq!(r.status, StatusCode::OK);
-    r.etag().expect("GET has an ETag").to_owned()
 }
 
 // ---------------------------------------------------------------------------------
