@@ -6,7 +6,7 @@ mod redis_support;
 use std::{sync::Arc, time::Duration};
 
 use redis::AsyncCommands;
-use redis_support::{call, default_items_app, raw_connection, redis_url, shared_store};
+use redis_support::{call, default_items_app, raw_connection, redis_url, shared_store, OwnRedis};
 use tower_precondition::{
     store::{
         testing::{committed, run_contract_suite},
@@ -316,12 +316,14 @@ async fn corrupt_entries_are_errors_and_writes_fail_closed() {
     assert_eq!(calls.load(std::sync::atomic::Ordering::SeqCst), 0);
 }
 
+/// On a private `redis-server`: the shared one must never be flushed by a test.
 #[tokio::test]
 async fn a_flushed_script_cache_is_reloaded_transparently() {
-    let Some((store, _cleanup)) = shared_store().await else {
+    let Some(own) = OwnRedis::start() else {
         return;
     };
-    let url = redis_url().expect("set");
+    let url = own.url();
+    let store = RedisStore::open(&url).await.expect("private Redis");
     let mut con = raw_connection(&url).await;
     let key = "/items/flush";
     let mut previous = None;
@@ -331,8 +333,6 @@ async fn a_flushed_script_cache_is_reloaded_transparently() {
             .query_async(&mut con)
             .await
             .expect("flush");
-        // (Other tests on this server may reload the script first; the private-server
-        // test in redis_faults.rs checks that our own call does the reload.)
         let next = committed(&format!("v{i}"));
         assert_eq!(
             store
