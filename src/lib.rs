@@ -98,7 +98,7 @@
 //! | `memory` (default) | [`MemoryStore`] |
 //! | `redis` | `store::RedisStore`, shared by many processes through Redis |
 //! | `postgres` | `store::PostgresStore` and the transactional mode |
-//! | `axum` | axum extractors |
+//! | `axum` (default) | axum's body as a request body the layer can buffer ([`BufferableBody`]), and axum extractors |
 //! | `testing` | `store::testing`, the contract suite any store can run |
 
 #![cfg_attr(docsrs, feature(doc_auto_cfg))]
