@@ -18,7 +18,7 @@
 //!
 //! ```text
 //! DATABASE_URL=postgres://postgres@127.0.0.1:5432/test \
-//!     cargo bench --bench postgres_modes --features postgres,axum
+//!     cargo bench --manifest-path benches/Cargo.toml --features postgres --bench postgres_modes
 //! ```
 //!
 //! Environment: `BENCH_CLIENTS` (default 16), `BENCH_SECS` per run (default 3),

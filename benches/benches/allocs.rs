@@ -5,7 +5,7 @@
 //! the system one; each scenario runs a few requests to warm up, then counts over many.
 //!
 //! ```text
-//! cargo bench --all-features --bench allocs
+//! cargo bench --manifest-path benches/Cargo.toml --bench allocs
 //! ```
 
 use std::{

@@ -4,9 +4,9 @@
 //! same concurrency on the same machine.
 //!
 //! ```text
-//! cargo bench --features redis --bench redis_throughput
+//! cargo bench --manifest-path benches/Cargo.toml --features redis --bench redis_throughput
 //! BENCH_SECONDS=3 BENCH_CONCURRENCY=50 BENCH_EVALS=150000 BENCH_ROUNDS=5 \
-//!     cargo bench --features redis --bench redis_throughput
+//!     cargo bench --manifest-path benches/Cargo.toml --features redis --bench redis_throughput
 //! ```
 //!
 //! It starts its own `redis-server` (no persistence) on a free port, so the counts are

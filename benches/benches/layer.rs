@@ -4,7 +4,7 @@
 //! Run (short enough for a shared 2-core machine):
 //!
 //! ```text
-//! cargo bench --all-features --bench layer -- --warm-up-time 1 --measurement-time 3 --noplot
+//! cargo bench --manifest-path benches/Cargo.toml --bench layer -- --warm-up-time 1 --measurement-time 3 --noplot
 //! ```
 //!
 //! Layer benchmarks drive the service with `ready().call()` in a loop inside one
