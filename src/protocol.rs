@@ -191,11 +191,11 @@ impl WriteGuard {
             Settlement::Commit(etag) => {
                 successor(etag.unwrap_or_else(fresh_etag)).map(Entry::committed)
             }
-            Settlement::Unknown => self
-                .replacing
-                .as_ref()
-                .and_then(|_| successor(fresh_etag()))
-                .map(Entry::committed),
+            // Keeps the seeded flag: an unknown outcome proves no more about existence
+            // than the read that seeded the version did.
+            Settlement::Unknown => {
+                unknown_outcome_base(self.replacing.as_ref()).map(Entry::committed)
+            }
             Settlement::Remove => None,
             Settlement::Release => Entry::from_parts(self.replacing.clone(), None),
         }

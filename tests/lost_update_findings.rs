@@ -118,12 +118,15 @@ async fn finding_7_2_a_seed_cannot_make_a_create_fail_forever() {
     let (app, shared) = app_with(PreconditionLayer::new(MemoryStore::new()));
     // A fallback page answers 200 for an id that does not exist yet: the read seeds.
     let seeded = get_etag(&app, "/items/new").await;
+    // A write of unknown outcome in between proves no more about existence.
+    let r = send(&app, Method::PUT, "/items/new", &[("x-status", "500")]).await;
+    assert_eq!(r.status, StatusCode::INTERNAL_SERVER_ERROR);
     // The create is decided by the handler (its conditional insert), not refused.
     let create = [("if-none-match", "*"), ("x-status", "201")];
     let r = send(&app, Method::PUT, "/items/new", &create).await;
     assert_eq!(r.status, StatusCode::CREATED);
     assert_eq!(r.headers["x-create"], "1", "the handler is told it creates");
-    assert_eq!(shared.writes.load(Ordering::SeqCst), 1);
+    assert_eq!(shared.writes.load(Ordering::SeqCst), 2);
     // Once a write created it, the layer knows it exists.
     let r = send(&app, Method::PUT, "/items/new", &create).await;
     assert_eq!(r.status, StatusCode::PRECONDITION_FAILED);
