@@ -457,7 +457,7 @@ fn into_not_modified<B>(response: Response<B>, version: &Version) -> Response<Re
         parts.headers.remove(name);
     }
     set_validators(&mut parts.headers, version);
-    Response::from_parts(parts, ResponseBody::empty())
+    Response::from_parts(parts, ResponseBody::not_modified())
 }
 
 /// The handler's own strong `ETag`, if it set exactly one valid one.

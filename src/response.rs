@@ -81,7 +81,7 @@ pub(crate) fn remove_validators(headers: &mut HeaderMap) {
 
 /// `304 Not Modified` with the validators of `version`.
 pub(crate) fn not_modified<B>(version: &Version) -> Response<ResponseBody<B>> {
-    let mut response = Response::new(ResponseBody::empty());
+    let mut response = Response::new(ResponseBody::not_modified());
     *response.status_mut() = StatusCode::NOT_MODIFIED;
     set_validators(response.headers_mut(), version);
     response
