@@ -81,7 +81,7 @@
 //! | code | when |
 //! | --- | --- |
 //! | 304 | a read whose `If-None-Match` / `If-Modified-Since` matches |
-//! | 400 | a malformed `If-Match` / `If-None-Match`; a buffered write body that failed or ended short of its `Content-Length` ([`request_body`]) |
+//! | 400 | a malformed `If-Match`, or `If-None-Match` on a write (a read ignores it); a buffered write body that failed or ended short of its `Content-Length` ([`request_body`]) |
 //! | 408 | a buffered write body not in hand within the read timeout ([`request_body`]) |
 //! | 409 | a write while another write on the same resource is in flight |
 //! | 412 | a precondition evaluated false (with the current `ETag` and `Last-Modified`) |
