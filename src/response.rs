@@ -282,12 +282,20 @@ impl Problem {
 
     /// `428`: the policy requires a precondition on this method.
     ///
-    /// Under the strict policy the body also names what is not accepted, since a client
-    /// that sent one of those did send a precondition.
+    /// The way out depends on the method: only `PUT` can create a resource with
+    /// `If-None-Match: *`; a `DELETE`, `PATCH` or `POST` can only name the version it
+    /// acts on. Under the strict policy the body also names what is not accepted, since
+    /// a client that sent one of those did send a precondition.
     pub(crate) fn precondition_required(method: &http::Method, strict: bool) -> Self {
+        let resend = if method == http::Method::PUT {
+            "`If-Match: <its ETag>` to replace it, or `If-None-Match: *` to create a \
+             resource that must not exist yet"
+        } else {
+            "`If-Match: <its ETag>`"
+        };
         let not_accepted = if strict {
-            " Only these two are accepted: `If-Match: *`, `If-None-Match` with entity \
-             tags and `If-Unmodified-Since` do not name the version being replaced."
+            " `If-Match: *`, `If-None-Match` with entity tags and `If-Unmodified-Since` \
+             alone are not accepted: they do not name the version being replaced."
         } else {
             ""
         };
@@ -297,8 +305,7 @@ impl Problem {
             "Precondition required",
             format!(
                 "{method} requests to this resource must be conditional. GET the resource, \
-                 then resend this request with `If-Match: <its ETag>` (or `If-None-Match: *` \
-                 to create a resource that must not exist yet).{not_accepted}"
+                 then resend this request with {resend}.{not_accepted}"
             ),
         )
     }
