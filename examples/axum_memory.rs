@@ -7,7 +7,7 @@
 //!
 //! | request | answer |
 //! | --- | --- |
-//! | `GET /items/{id}` | `200` with the JSON item and its `ETag`, `404` when missing, `304` when `If-None-Match` matches |
+//! | `GET /items/{id}` | `200` with the JSON item, its `ETag` and `Cache-Control: no-cache`, `404` when missing, `304` when `If-None-Match` matches |
 //! | `PUT /items/{id}` | `201` (created) or `200` (replaced), with the new `ETag` |
 //! | `PATCH /items/{id}` | a shallow merge into a JSON object (`null` removes a field): `200`, `404` when missing, `400` on invalid JSON, `422` when not an object |
 //! | `DELETE /items/{id}` | `204`, `404` when missing |
@@ -88,10 +88,17 @@ fn invalid_json(error: serde_json::Error) -> Response {
     )
 }
 
+/// A `200` read of an item, which caches must revalidate (`no-cache`) before reusing:
+/// items change at any time, and a cache left to guess would derive a freshness
+/// lifetime from `Last-Modified` (RFC 9111 section 4.2.2) and serve a stale item.
+fn fresh_item(item: impl IntoResponse) -> Response {
+    ([(header::CACHE_CONTROL, "no-cache")], item).into_response()
+}
+
 async fn get_item(Path(id): Path<String>, State(items): State<Items>) -> Response {
     let items = items.read().unwrap_or_else(PoisonError::into_inner);
     match items.get(&id) {
-        Some(item) => Json(item.clone()).into_response(),
+        Some(item) => fresh_item(Json(item.clone())),
         None => not_found(&id),
     }
 }

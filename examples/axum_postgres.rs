@@ -8,7 +8,7 @@
 //!
 //! | request | answer |
 //! | --- | --- |
-//! | `GET /items/{id}` | `200` with the JSON item and its `ETag`, `404` when missing, `304` when `If-None-Match` matches |
+//! | `GET /items/{id}` | `200` with the JSON item, its `ETag` and `Cache-Control: no-cache`, `404` when missing, `304` when `If-None-Match` matches |
 //! | `PUT /items/{id}` | `201` (created) or `200` (replaced), with the new `ETag` |
 //! | `PATCH /items/{id}` | a shallow merge into a JSON object (`null` removes a field): `200`, `404` when missing, `400` on invalid JSON, `422` when not an object |
 //! | `DELETE /items/{id}` | `204`, `404` when missing |
@@ -102,6 +102,13 @@ fn invalid_json(error: serde_json::Error) -> Response {
 
 /// Reads use a pooled connection of their own; the layer has already loaded the
 /// committed version (a version is only ever committed together with its data).
+/// A `200` read of an item, which caches must revalidate (`no-cache`) before reusing:
+/// items change at any time, and a cache left to guess would derive a freshness
+/// lifetime from `Last-Modified` (RFC 9111 section 4.2.2) and serve a stale item.
+fn fresh_item(item: impl IntoResponse) -> Response {
+    ([(header::CACHE_CONTROL, "no-cache")], item).into_response()
+}
+
 async fn get_item(Path(id): Path<String>, State(pool): State<Pool>) -> Response {
     let client = match pool.get().await {
         Ok(client) => client,
@@ -110,7 +117,7 @@ async fn get_item(Path(id): Path<String>, State(pool): State<Pool>) -> Response 
     let sql = format!("SELECT body::text FROM {ITEMS} WHERE id = $1");
     match client.query_opt(&sql, &[&id]).await {
         Ok(Some(row)) => match serde_json::from_str::<Value>(row.get(0)) {
-            Ok(value) => Json(value).into_response(),
+            Ok(value) => fresh_item(Json(value)),
             Err(error) => database_error(error),
         },
         Ok(None) => not_found(&id),

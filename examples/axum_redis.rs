@@ -9,15 +9,19 @@
 //!
 //! | request | answer |
 //! | --- | --- |
-//! | `GET /items/{id}` | `200` with the JSON item and its `ETag`, `404` when missing, `304` when `If-None-Match` matches |
+//! | `GET /items/{id}` | `200` with the JSON item, its `ETag` and `Cache-Control: no-cache`, `404` when missing, `304` when `If-None-Match` matches |
 //! | `PUT /items/{id}` | `201` (created) or `200` (replaced), with the new `ETag` |
 //! | `PATCH /items/{id}` | a shallow merge into a JSON object (`null` removes a field): `200`, `404` when missing, `400` on invalid JSON, `422` when not an object |
 //! | `DELETE /items/{id}` | `204`, `404` when missing |
 //!
 //! Every write may carry `If-Match: <etag>` (only if unchanged) or `If-None-Match: *`
 //! (only if it does not exist yet); a stale one gets `412` with the current `ETag`.
-//! With `REQUIRE_PRECONDITIONS=1`, a write without a precondition gets `428`. While
-//! Redis is unreachable, writes get `503` and never reach a handler.
+//! With `REQUIRE_PRECONDITIONS=1`, a write without a precondition gets `428`.
+//!
+//! The server starts even when Redis is down ([`RedisStore::open_lazy`]) and
+//! reconnects by itself: while Redis is unreachable, writes get `503` with
+//! `Retry-After` and never reach a handler, and reads of items get the handler's
+//! `503` (the items live in Redis too).
 //!
 //! An item with an `"owner"` field is private: only `Authorization: Bearer <owner>` sees
 //! or changes it; anyone else gets `404`, for reads and writes alike, before any
@@ -38,7 +42,7 @@
 //! serialized by the layer's lease, so a handler's read-modify-write (`PATCH`) needs no
 //! transaction of its own. Set `REDIS_PREFIX` to run several apps on one Redis.
 
-use std::{env, error::Error};
+use std::{env, error::Error, io::IsTerminal};
 
 use axum::{
     body::Bytes,
@@ -143,13 +147,20 @@ fn corrupt_item() -> Response {
     )
 }
 
+/// A `200` read of an item, which caches must revalidate (`no-cache`) before reusing:
+/// items change at any time, and a cache left to guess would derive a freshness
+/// lifetime from `Last-Modified` (RFC 9111 section 4.2.2) and serve a stale item.
+fn fresh_item(item: impl IntoResponse) -> Response {
+    ([(header::CACHE_CONTROL, "no-cache")], item).into_response()
+}
+
 async fn get_item(uri: Uri, State(items): State<Items>) -> Response {
     let stored: Option<String> = match items.connection().get(items.key(&uri)).await {
         Ok(stored) => stored,
         Err(error) => return redis_failed(error),
     };
     match stored.map(|text| serde_json::from_str::<Value>(&text)) {
-        Some(Ok(item)) => Json(item).into_response(),
+        Some(Ok(item)) => fresh_item(Json(item)),
         Some(Err(_)) => corrupt_item(),
         None => not_found(&uri),
     }
@@ -336,6 +347,8 @@ async fn main() -> Result<(), Box<dyn Error>> {
             EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| EnvFilter::new("info,tower_precondition=debug")),
         )
+        // No colour codes in logs redirected to a file.
+        .with_ansi(std::io::stdout().is_terminal())
         .init();
 
     let addr = env::var("ADDR").unwrap_or_else(|_| "127.0.0.1:3000".to_owned());
@@ -343,9 +356,10 @@ async fn main() -> Result<(), Box<dyn Error>> {
     let redis_url = env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".to_owned());
     let prefix = env::var("REDIS_PREFIX").unwrap_or_else(|_| "axum_redis:".to_owned());
 
-    // Connects now, so a wrong URL fails at startup; once running, the connection
-    // manager reconnects by itself whenever Redis comes back.
-    let store = RedisStore::open(&redis_url).await?.prefix(&prefix);
+    // Connects on first use, so the server starts while Redis is down (writes get 503
+    // until it is up); an unparsable URL still fails here. The connection manager
+    // reconnects by itself whenever Redis comes back.
+    let store = RedisStore::open_lazy(&redis_url)?.prefix(&prefix);
 
     let listener = tokio::net::TcpListener::bind(&addr).await?;
     println!("listening on http://{}", listener.local_addr()?);

@@ -1,6 +1,9 @@
 //! The layer on a plain hyper 1 server, no framework: a `tower::ServiceBuilder` around a
 //! `service_fn`, served through hyper-util's `TowerToHyperService`.
 //!
+//! **By default it only runs a self-check against itself and exits; set `SERVE=1` to
+//! keep it serving.**
+//!
 //! ```text
 //! cargo run --example hyper_plain            # runs a short self-check against itself, exits 0
 //! SERVE=1 cargo run --example hyper_plain    # serves on $ADDR (default 127.0.0.1:3000)

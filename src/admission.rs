@@ -26,7 +26,12 @@ pub(crate) fn path_key() -> Arc<KeyFn> {
 /// and [`PgTransactionalLayer`](crate::PgTransactionalLayer);
 /// `require_precondition(true)` is a shorthand for [`Required`](Self::Required).
 /// A refused write gets `428 Precondition Required` (RFC 6585) with a problem body that
-/// says what to send.
+/// says what to send for its method.
+///
+/// A malformed `If-Match` gets `400`, and so does a malformed `If-None-Match` on a
+/// write; on a read (`GET`, `HEAD`) a malformed `If-None-Match` is ignored and the read
+/// served as if it were absent
+/// ([`Preconditions::from_request`](crate::evaluate::Preconditions::from_request)).
 ///
 /// An `If-Unmodified-Since` that is not a valid HTTP-date (or sent on more than one
 /// field line) is ignored, as RFC 9110 section 13.1.4 requires, so it counts as absent
@@ -127,7 +132,7 @@ pub(crate) fn admit<B>(
     let key: Arc<str> = key::bounded_key(key).into();
     let method = request.method();
 
-    let pre = match Preconditions::from_headers(request.headers()) {
+    let pre = match Preconditions::from_request(method, request.headers()) {
         Ok(pre) => pre,
         Err(error) => {
             tracing::info!(key = &*key, %method, %error, "malformed precondition (400)");

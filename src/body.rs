@@ -26,6 +26,8 @@ pin_project! {
     enum Kind<B> {
         Inner { #[pin] body: B },
         Full { data: Option<Bytes> },
+        // A `304`: no content, and no length either (see `size_hint`).
+        NotModified,
     }
 }
 
@@ -44,9 +46,10 @@ impl<B> ResponseBody<B> {
         }
     }
 
-    pub(crate) fn empty() -> Self {
+    /// The body of a `304`.
+    pub(crate) fn not_modified() -> Self {
         Self {
-            kind: Kind::Full { data: None },
+            kind: Kind::NotModified,
         }
     }
 }
@@ -62,6 +65,7 @@ impl<B: Body<Data = Bytes>> Body for ResponseBody<B> {
         match self.project().kind.project() {
             KindProj::Inner { body } => body.poll_frame(cx),
             KindProj::Full { data } => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
+            KindProj::NotModified => Poll::Ready(None),
         }
     }
 
@@ -69,6 +73,7 @@ impl<B: Body<Data = Bytes>> Body for ResponseBody<B> {
         match &self.kind {
             Kind::Inner { body } => body.is_end_stream(),
             Kind::Full { data } => data.is_none(),
+            Kind::NotModified => true,
         }
     }
 
@@ -78,6 +83,11 @@ impl<B: Body<Data = Bytes>> Body for ResponseBody<B> {
             Kind::Full { data } => {
                 SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64))
             }
+            // Not "exactly 0": axum and hyper turn an exact hint into `Content-Length`,
+            // and a 304 with `Content-Length: 0` claims the selected representation
+            // is empty (RFC 9110 sections 8.6 and 15.4.5). An empty stream with no
+            // known length makes them send no length at all.
+            Kind::NotModified => SizeHint::default(),
         }
     }
 }

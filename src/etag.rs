@@ -14,6 +14,26 @@
 //! Unicode scalar of the same number (the ISO-8859-1 reading HTTP has always used), so
 //! an [`EntityTag`] is a plain `str` that round-trips to the exact bytes on the wire.
 //!
+//! # Encoded representations: one version, one strong tag per content coding
+//!
+//! A version of a resource can be sent as several representations: identity, and
+//! compressed by a `CompressionLayer` inside the precondition layer. A strong tag must
+//! differ between representations that differ in their bytes (RFC 9110 section
+//! 8.8.3), so the layer labels a response with `Content-Encoding: gzip` with the
+//! version's tag plus `-gzip` (`"abc"` becomes `"abc-gzip"`; several codings in order,
+//! `"abc-gzip-br"`). Conditions compare *versions*: [`TagList::strong_match`] and
+//! [`TagList::weak_match`] take `"abc-gzip"` as naming version `"abc"`, so a write's
+//! `If-Match: "abc-gzip"` passes exactly when `If-Match: "abc"` would.
+//!
+//! Weak tags for encoded variants (what some servers send) were the alternative, and
+//! were rejected: `If-Match` compares strongly, so a client that only ever read the
+//! gzip representation could never make a conditional write.
+//!
+//! The suffix names a coding from a fixed list ([`CONTENT_CODINGS`]); a tag is read as
+//! a variant only when the part after the version's tag is made of those. A
+//! handler that sets its own tags should not end one with `-gzip` (or another coding)
+//! while another of its tags is that prefix: both would name one version.
+//!
 //! The work is bounded: a field longer than [`MAX_LIST_BYTES`] or with more than
 //! [`MAX_LIST_TAGS`] members is refused before anything is allocated for its members.
 
@@ -26,6 +46,14 @@ pub const MAX_LIST_BYTES: usize = 8 * 1024;
 
 /// The most entity tags an `If-Match` / `If-None-Match` list may hold.
 pub const MAX_LIST_TAGS: usize = 64;
+
+/// The content codings (RFC 9110 section 8.4.1) a representation tag may name, as
+/// they appear in its suffix. `x-gzip` and `x-compress` are named as `gzip` and
+/// `compress`, their equivalents (section 8.4.1).
+pub const CONTENT_CODINGS: &[&str] = &["gzip", "deflate", "br", "zstd", "compress"];
+
+/// The most codings a representation tag names; a response with more gets no tag.
+const MAX_CODINGS: usize = 4;
 
 /// An entity tag: an opaque validator, strong or weak.
 ///
@@ -155,6 +183,65 @@ impl EntityTag {
         self.opaque == other.opaque
     }
 
+    /// Whether this tag names the version whose tag is `version`: the same opaque
+    /// value, or that value with the suffix of an encoded representation
+    /// (`"abc-gzip"` names `"abc"`; see the module docs). Weakness is not compared.
+    pub fn names_version(&self, version: &Self) -> bool {
+        match self.opaque.strip_prefix(&*version.opaque) {
+            Some("") => true,
+            Some(rest) => rest.strip_prefix('-').is_some_and(|codings| {
+                let mut count = 0;
+                codings.split('-').all(|coding| {
+                    count += 1;
+                    count <= MAX_CODINGS && CONTENT_CODINGS.contains(&coding)
+                })
+            }),
+            None => false,
+        }
+    }
+
+    /// The strong tag of the representation of version `self` sent with
+    /// `content_encoding` (the response's `Content-Encoding` field lines): `self` for
+    /// identity, `self` plus `-<coding>` for each coding otherwise. `None` when a
+    /// coding is not one of [`CONTENT_CODINGS`] (or there are too many): such a body
+    /// cannot be named apart from the others, so it gets no tag.
+    pub fn for_content_encoding<'a>(
+        &self,
+        content_encoding: impl IntoIterator<Item = &'a HeaderValue>,
+    ) -> Option<Self> {
+        let mut suffix = String::new();
+        let mut count = 0;
+        for value in content_encoding {
+            let value = value.to_str().ok()?;
+            for coding in value.split(',').map(str::trim).filter(|c| !c.is_empty()) {
+                let coding = coding.to_ascii_lowercase();
+                let coding = match coding.as_str() {
+                    "identity" => continue,
+                    "x-gzip" => "gzip",
+                    "x-compress" => "compress",
+                    other => CONTENT_CODINGS.iter().copied().find(|&c| c == other)?,
+                };
+                count += 1;
+                if count > MAX_CODINGS {
+                    return None;
+                }
+                suffix.push('-');
+                suffix.push_str(coding);
+            }
+        }
+        if suffix.is_empty() {
+            return Some(self.clone());
+        }
+        // The version's opaque value is etagc, and so is the ASCII suffix.
+        let mut opaque = String::with_capacity(self.opaque.len() + suffix.len());
+        opaque.push_str(&self.opaque);
+        opaque.push_str(&suffix);
+        Some(Self {
+            weak: self.weak,
+            opaque: opaque.into_boxed_str(),
+        })
+    }
+
     /// The tag as a header value, exactly the bytes a client sent or will receive.
     pub fn to_header_value(&self) -> HeaderValue {
         // Exact capacity: the buffer then becomes the value's `Bytes` without a copy.
@@ -213,19 +300,33 @@ pub enum TagList {
 }
 
 impl TagList {
-    /// Whether any tag strongly matches `current` (the `If-Match` comparison).
+    /// Whether any tag strongly matches version `current` (the `If-Match`
+    /// comparison): both strong, and the tag [names](EntityTag::names_version) the
+    /// version, in any of its encoded representations.
     pub fn strong_match(&self, current: &EntityTag) -> bool {
         match self {
             TagList::Any => true,
-            TagList::Tags(tags) => tags.iter().any(|t| t.strong_eq(current)),
+            TagList::Tags(tags) => tags
+                .iter()
+                .any(|t| !t.weak && !current.weak && t.names_version(current)),
         }
     }
 
-    /// Whether any tag weakly matches `current` (the `If-None-Match` comparison).
+    /// Whether any tag weakly matches version `current` (the `If-None-Match`
+    /// comparison), in any of its encoded representations.
     pub fn weak_match(&self, current: &EntityTag) -> bool {
         match self {
             TagList::Any => true,
-            TagList::Tags(tags) => tags.iter().any(|t| t.weak_eq(current)),
+            TagList::Tags(_) => self.weak_matching(current).is_some(),
+        }
+    }
+
+    /// The first listed tag that weakly matches version `current`: the representation
+    /// a `304` tells the client (or cache) it may keep using. `None` for `*`.
+    pub fn weak_matching(&self, current: &EntityTag) -> Option<&EntityTag> {
+        match self {
+            TagList::Any => None,
+            TagList::Tags(tags) => tags.iter().find(|t| t.names_version(current)),
         }
     }
 }
@@ -390,6 +491,31 @@ impl<'a> Cursor<'a> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn representation_tags_name_their_version() {
+        let v = EntityTag::strong("a-b").unwrap();
+        let value = |s: &str| HeaderValue::from_str(s).unwrap();
+        let gzip = v.for_content_encoding([&value("GZIP")]).unwrap();
+        assert_eq!(gzip.opaque(), "a-b-gzip");
+        let two = v.for_content_encoding([&value("x-gzip, br")]).unwrap();
+        assert_eq!(two.opaque(), "a-b-gzip-br");
+        assert_eq!(v.for_content_encoding([&value("identity")]).unwrap(), v);
+        assert_eq!(v.for_content_encoding([&value("aes128gcm")]), None);
+        for tag in [&v, &gzip, &two] {
+            assert!(tag.names_version(&v), "{tag}");
+        }
+        for other in ["a", "a-b-", "a-b-gzipx", "a-b-identity", "a-bgzip"] {
+            assert!(
+                !EntityTag::strong(other).unwrap().names_version(&v),
+                "{other}"
+            );
+        }
+        let list = TagList::Tags(vec![gzip.clone()]);
+        assert!(list.strong_match(&v) && list.weak_match(&v));
+        let weak = TagList::Tags(vec![EntityTag::weak("a-b-gzip").unwrap()]);
+        assert!(!weak.strong_match(&v) && weak.weak_match(&v));
+    }
     use http::header::{IF_MATCH, IF_NONE_MATCH};
 
     fn list(lines: &[&[u8]]) -> Result<Option<TagList>, InvalidTagList> {

@@ -23,6 +23,13 @@
 //!   ignored: the store may have forgotten a version (a Redis restart without
 //!   persistence), and the date can then not be checked. Reads ignore it as the RFC says.
 //!
+//! # Malformed fields
+//!
+//! A malformed `If-Match` is refused (`400`), and so is a malformed `If-None-Match` on
+//! a write. On a read a malformed `If-None-Match` is ignored, as Go's `net/http` and
+//! Django do: the read is served as if it were absent
+//! ([`Preconditions::from_request`]). Dates that do not parse are always ignored.
+//!
 //! # Where the layer cannot know, and defers to the handler
 //!
 //! * `If-None-Match: *` on a write against a [seeded](Version::is_seeded) version (one a
@@ -56,7 +63,8 @@ pub struct Preconditions {
 impl Preconditions {
     /// Parses the four precondition fields.
     ///
-    /// A malformed `If-Match` / `If-None-Match` is an error (the layer answers `400`).
+    /// A malformed `If-Match` / `If-None-Match` is an error (the layer answers `400`,
+    /// except for an `If-None-Match` on a read: see [`from_request`](Self::from_request)).
     /// A date that is not a valid HTTP-date (IMF-fixdate, RFC 850 or asctime), or that is
     /// sent on more than one field line, is ignored, as RFC 9110 sections 13.1.3 and
     /// 13.1.4 require.
@@ -79,6 +87,40 @@ impl Preconditions {
             if_unmodified_since: parse_date(headers, &header::IF_UNMODIFIED_SINCE),
             if_modified_since: parse_date(headers, &header::IF_MODIFIED_SINCE),
         })
+    }
+
+    /// Parses the four precondition fields of a request with `method`, as the layers do.
+    ///
+    /// Like [`from_headers`](Self::from_headers), except that on a read (`GET`, `HEAD`)
+    /// a malformed `If-None-Match` is ignored: the request is served as if it had none
+    /// (so `If-Modified-Since` then applies). A read changes nothing, and its worst
+    /// outcome is then a full `200` where a `304` might have done, which is what Go's
+    /// `net/http` and Django do; a `400` would break a page over a cache's bad header.
+    /// A write keeps the `400`: a condition it cannot read must not be guessed.
+    ///
+    /// ```
+    /// use http::{HeaderMap, Method, header};
+    /// use tower_precondition::evaluate::Preconditions;
+    ///
+    /// let mut headers = HeaderMap::new();
+    /// headers.insert(header::IF_NONE_MATCH, "not a tag".parse().unwrap());
+    /// let read = Preconditions::from_request(&Method::GET, &headers).unwrap();
+    /// assert_eq!(read.if_none_match, None);
+    /// assert!(Preconditions::from_request(&Method::PUT, &headers).is_err());
+    /// ```
+    pub fn from_request(method: &Method, headers: &HeaderMap) -> Result<Self, InvalidTagList> {
+        match Self::from_headers(headers) {
+            Err(error) if is_read(method) && error.header() == header::IF_NONE_MATCH => {
+                Ok(Self {
+                    // `If-Match` parsed without error (it is parsed first).
+                    if_match: parse_tag_list(headers, &header::IF_MATCH)?,
+                    if_none_match: None,
+                    if_unmodified_since: parse_date(headers, &header::IF_UNMODIFIED_SINCE),
+                    if_modified_since: parse_date(headers, &header::IF_MODIFIED_SINCE),
+                })
+            }
+            parsed => parsed,
+        }
     }
 
     /// Whether any precondition that guards a write is present

@@ -29,7 +29,10 @@ use crate::{
     evaluate::{evaluate, Decision, Preconditions},
     layer::Config,
     protocol::{self, ReadStart, Settled, Settlement, WriteGuard},
-    response::{not_modified, remove_validators, set_validators, Early, Problem},
+    response::{
+        not_modified, remove_validators, set_not_modified_validators, set_validators, Early,
+        Problem,
+    },
     store::{Entry, StoreError, Version},
 };
 
@@ -316,7 +319,7 @@ fn read_step<B>(ctx: &Ctx, loaded: Result<ReadStart, StoreError>) -> ReadStep<B>
             Decision::Proceed => {}
             Decision::NotModified => {
                 tracing::debug!(key, "not modified (304)");
-                return ReadStep::Answer(not_modified(version));
+                return ReadStep::Answer(not_modified(version, &ctx.pre));
             }
             Decision::PreconditionFailed => {
                 tracing::info!(key, "precondition failed on a read (412)");
@@ -421,7 +424,7 @@ fn answer_read<B>(
         }
         Decision::NotModified => {
             tracing::debug!(key = &*ctx.key, "not modified (304, handler ran)");
-            into_not_modified(response, &version)
+            into_not_modified(response, &version, &ctx.pre)
         }
         Decision::PreconditionFailed => {
             tracing::info!(
@@ -446,7 +449,11 @@ fn unverifiable<B>(pre: &Preconditions, mut response: Response<B>) -> Response<R
 
 /// Turns a handler's 2xx into a `304`, keeping the headers a 304 must repeat
 /// (RFC 9110 section 15.4.5) and dropping the content.
-fn into_not_modified<B>(response: Response<B>, version: &Version) -> Response<ResponseBody<B>> {
+fn into_not_modified<B>(
+    response: Response<B>,
+    version: &Version,
+    pre: &Preconditions,
+) -> Response<ResponseBody<B>> {
     let (mut parts, _body) = response.into_parts();
     parts.status = StatusCode::NOT_MODIFIED;
     for name in [
@@ -456,8 +463,8 @@ fn into_not_modified<B>(response: Response<B>, version: &Version) -> Response<Re
     ] {
         parts.headers.remove(name);
     }
-    set_validators(&mut parts.headers, version);
-    Response::from_parts(parts, ResponseBody::empty())
+    set_not_modified_validators(&mut parts.headers, version, pre);
+    Response::from_parts(parts, ResponseBody::not_modified())
 }
 
 /// The handler's own strong `ETag`, if it set exactly one valid one.

@@ -69,6 +69,36 @@
 //! `Router::nest`, or when handlers decode reserved characters, key by what the
 //! handler uses: see the [`key`] module.
 //!
+//! # Compression and content negotiation
+//!
+//! Put compression **inside** the precondition layer (closer to the handler), so the
+//! layer sees each response's `Content-Encoding`:
+//!
+//! ```
+//! use axum::{routing::get, Router};
+//! use tower_http::compression::CompressionLayer;
+//! use tower_precondition::{MemoryStore, PreconditionLayer};
+//!
+//! let app: Router = Router::new()
+//!     .route("/items/{id}", get(|| async { "{}" }))
+//!     .route_layer(CompressionLayer::new()) // inner: runs first on the response
+//!     .route_layer(PreconditionLayer::new(MemoryStore::new())); // outer
+//! ```
+//!
+//! The gzip body of a version is then tagged `"<version>-gzip"` and the identity body
+//! `"<version>"`: two representations, two strong tags (RFC 9110 section 8.8.3). Both
+//! name the same version in `If-Match` and `If-None-Match`, so a write after a gzip
+//! read passes or fails exactly as after an identity read, and a `304` carries the
+//! tag the client sent and `Vary: Accept-Encoding` (see [`etag`]). With compression
+//! *outside*, the layer never sees the coding and both bodies get one strong tag.
+//!
+//! The layer versions a resource, not its representations: negotiation by anything
+//! other than the content coding (`Accept-Language`, `Accept`) is not told apart, so
+//! serve such variants at URIs of their own or let the handler set `ETag`s that
+//! differ per variant and key them apart. With
+//! [`short_circuit_reads`](PreconditionLayer::short_circuit_reads) on, a `304` for an
+//! identity tag is answered without the handler and cannot repeat its `Vary`.
+//!
 //! # Policies
 //!
 //! [`PreconditionPolicy`] decides whether a write must be conditional:
@@ -81,7 +111,7 @@
 //! | code | when |
 //! | --- | --- |
 //! | 304 | a read whose `If-None-Match` / `If-Modified-Since` matches |
-//! | 400 | a malformed `If-Match` / `If-None-Match`; a buffered write body that failed or ended short of its `Content-Length` ([`request_body`]) |
+//! | 400 | a malformed `If-Match`, or `If-None-Match` on a write (a read ignores it); a buffered write body that failed or ended short of its `Content-Length` ([`request_body`]) |
 //! | 408 | a buffered write body not in hand within the read timeout ([`request_body`]) |
 //! | 409 | a write while another write on the same resource is in flight |
 //! | 412 | a precondition evaluated false (with the current `ETag` and `Last-Modified`) |

@@ -28,11 +28,79 @@ use crate::{
 
 const PROBLEM_JSON: HeaderValue = HeaderValue::from_static("application/problem+json");
 
-/// Sets `ETag` and `Last-Modified` for `version`.
+/// Sets `ETag` and `Last-Modified` for `version` on a response with `headers`.
+///
+/// The one place a version's tag becomes a representation's: a body sent with a
+/// `Content-Encoding` (a `CompressionLayer` inside this layer) gets the version's tag
+/// with that coding's suffix ([`EntityTag::for_content_encoding`]), so the gzip and
+/// identity bodies of one version never share a strong tag; conditions name the
+/// version in either form ([`TagList::strong_match`]).
 pub(crate) fn set_validators(headers: &mut HeaderMap, version: &Version) {
-    headers.insert(header::ETAG, version.etag().to_header_value());
+    match version
+        .etag()
+        .for_content_encoding(headers.get_all(header::CONTENT_ENCODING))
+    {
+        Some(tag) => {
+            headers.insert(header::ETAG, tag.to_header_value());
+        }
+        None => {
+            // A coding we cannot name: no tag is better than one shared with another body.
+            tracing::debug!("response coding has no representation tag; ETag left out");
+            headers.remove(header::ETAG);
+        }
+    }
     if let Some(date) = last_modified_value(version) {
         headers.insert(header::LAST_MODIFIED, date);
+    }
+}
+
+/// Sets the validators of a `304` for `version` (whose headers may still describe the
+/// body it replaces), and drops that body's `Content-Encoding`.
+///
+/// The `ETag` names the representation the client said it has (the first tag of its
+/// `If-None-Match` that names `version`), since a cache picks the stored response to
+/// reuse by it (RFC 9111 section 4.3.4). When that is an encoded variant the
+/// representations vary by `Accept-Encoding`, and the `304` says so (RFC 9110 section
+/// 15.4.5), even when the layer answers without the handler (which would have said it).
+pub(crate) fn set_not_modified_validators(
+    headers: &mut HeaderMap,
+    version: &Version,
+    pre: &Preconditions,
+) {
+    let named = pre
+        .if_none_match
+        .as_ref()
+        .and_then(|list| list.weak_matching(version.etag()))
+        .and_then(|tag| EntityTag::strong(tag.opaque()).ok());
+    match named {
+        Some(tag) => {
+            if tag.opaque() != version.etag().opaque() {
+                ensure_vary(headers, header::ACCEPT_ENCODING);
+            }
+            headers.insert(header::ETAG, tag.to_header_value());
+            if let Some(date) = last_modified_value(version) {
+                headers.insert(header::LAST_MODIFIED, date);
+            }
+        }
+        // `If-Modified-Since` (or `*`): the tag of the body this 304 stands for.
+        None => set_validators(headers, version),
+    }
+    // A cache applies a 304's headers to the response it stored, which may be identity.
+    headers.remove(header::CONTENT_ENCODING);
+}
+
+/// Adds `name` to `Vary` unless it (or `*`) is already listed.
+fn ensure_vary(headers: &mut HeaderMap, name: header::HeaderName) {
+    let listed = headers.get_all(header::VARY).iter().any(|value| {
+        value.to_str().is_ok_and(|value| {
+            value
+                .split(',')
+                .map(str::trim)
+                .any(|field| field == "*" || field.eq_ignore_ascii_case(name.as_str()))
+        })
+    });
+    if !listed {
+        headers.append(header::VARY, HeaderValue::from(name));
     }
 }
 
@@ -79,11 +147,11 @@ pub(crate) fn remove_validators(headers: &mut HeaderMap) {
     headers.remove(header::LAST_MODIFIED);
 }
 
-/// `304 Not Modified` with the validators of `version`.
-pub(crate) fn not_modified<B>(version: &Version) -> Response<ResponseBody<B>> {
-    let mut response = Response::new(ResponseBody::empty());
+/// `304 Not Modified` with the validators of `version`, answered by the layer itself.
+pub(crate) fn not_modified<B>(version: &Version, pre: &Preconditions) -> Response<ResponseBody<B>> {
+    let mut response = Response::new(ResponseBody::not_modified());
     *response.status_mut() = StatusCode::NOT_MODIFIED;
-    set_validators(response.headers_mut(), version);
+    set_not_modified_validators(response.headers_mut(), version, pre);
     response
 }
 
@@ -282,12 +350,20 @@ impl Problem {
 
     /// `428`: the policy requires a precondition on this method.
     ///
-    /// Under the strict policy the body also names what is not accepted, since a client
-    /// that sent one of those did send a precondition.
+    /// The way out depends on the method: only `PUT` can create a resource with
+    /// `If-None-Match: *`; a `DELETE`, `PATCH` or `POST` can only name the version it
+    /// acts on. Under the strict policy the body also names what is not accepted, since
+    /// a client that sent one of those did send a precondition.
     pub(crate) fn precondition_required(method: &http::Method, strict: bool) -> Self {
+        let resend = if method == http::Method::PUT {
+            "`If-Match: <its ETag>` to replace it, or `If-None-Match: *` to create a \
+             resource that must not exist yet"
+        } else {
+            "`If-Match: <its ETag>`"
+        };
         let not_accepted = if strict {
-            " Only these two are accepted: `If-Match: *`, `If-None-Match` with entity \
-             tags and `If-Unmodified-Since` do not name the version being replaced."
+            " `If-Match: *`, `If-None-Match` with entity tags and `If-Unmodified-Since` \
+             alone are not accepted: they do not name the version being replaced."
         } else {
             ""
         };
@@ -297,8 +373,7 @@ impl Problem {
             "Precondition required",
             format!(
                 "{method} requests to this resource must be conditional. GET the resource, \
-                 then resend this request with `If-Match: <its ETag>` (or `If-None-Match: *` \
-                 to create a resource that must not exist yet).{not_accepted}"
+                 then resend this request with {resend}.{not_accepted}"
             ),
         )
     }
