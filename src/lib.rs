@@ -131,7 +131,7 @@
 //! | `axum` (default) | axum's body as a request body the layer can buffer ([`BufferableBody`]), and axum extractors |
 //! | `testing` | `store::testing`, the contract suite any store can run |
 
-#![cfg_attr(docsrs, feature(doc_auto_cfg))]
+#![cfg_attr(docsrs, feature(doc_cfg))]
 #![deny(missing_docs, unreachable_pub, unsafe_code)]
 #![warn(rust_2018_idioms, missing_debug_implementations)]
 

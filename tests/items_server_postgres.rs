@@ -7,6 +7,7 @@ mod items_contract;
 mod postgres_support;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(not(tp_postgres), ignore = "set DATABASE_URL to run")]
 async fn axum_postgres_serves_the_items_contract() {
     let Some(url) = postgres_support::database_url() else {
         return;
@@ -15,6 +16,7 @@ async fn axum_postgres_serves_the_items_contract() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(not(tp_postgres), ignore = "set DATABASE_URL to run")]
 async fn axum_postgres_requires_preconditions_when_asked() {
     let Some(url) = postgres_support::database_url() else {
         return;
@@ -24,6 +26,7 @@ async fn axum_postgres_requires_preconditions_when_asked() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(not(tp_postgres), ignore = "set DATABASE_URL to run")]
 async fn axum_postgres_lets_a_valid_write_through_while_uploads_stall() {
     let Some(url) = postgres_support::database_url() else {
         return;
@@ -32,6 +35,7 @@ async fn axum_postgres_lets_a_valid_write_through_while_uploads_stall() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(not(tp_postgres), ignore = "set DATABASE_URL to run")]
 async fn axum_postgres_keys_an_alias_path_to_the_same_item() {
     let Some(url) = postgres_support::database_url() else {
         return;
@@ -40,6 +44,7 @@ async fn axum_postgres_keys_an_alias_path_to_the_same_item() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(not(tp_postgres), ignore = "set DATABASE_URL to run")]
 async fn axum_postgres_hides_a_private_item_from_preconditions() {
     let Some(url) = postgres_support::database_url() else {
         return;

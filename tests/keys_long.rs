@@ -158,6 +158,7 @@ async fn drop_table(store: &PostgresStore) {
 }
 
 #[tokio::test]
+#[cfg_attr(not(tp_postgres), ignore = "set DATABASE_URL to run")]
 async fn long_key_postgres_store_gets_a_normal_write_flow() {
     let Some(pool) = shared_pool(2).await else {
         return;
@@ -170,6 +171,7 @@ async fn long_key_postgres_store_gets_a_normal_write_flow() {
 }
 
 #[tokio::test]
+#[cfg_attr(not(tp_postgres), ignore = "set DATABASE_URL to run")]
 async fn long_key_postgres_transactional_gets_a_normal_write_flow() {
     let Some(pool) = shared_pool(2).await else {
         return;

@@ -240,6 +240,7 @@ mod transactional {
     use crate::postgres_support::{shared_pool, store};
 
     #[tokio::test]
+    #[cfg_attr(not(tp_postgres), ignore = "set DATABASE_URL to run")]
     async fn policy_strict_transactional_layer() {
         let Some(pool) = shared_pool(2).await else {
             return;

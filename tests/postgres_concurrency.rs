@@ -109,11 +109,13 @@ async fn read_modify_write(mode: Mode) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[cfg_attr(not(tp_postgres), ignore = "set DATABASE_URL to run")]
 async fn read_modify_write_loses_nothing_transactional() {
     read_modify_write(Mode::Transactional).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[cfg_attr(not(tp_postgres), ignore = "set DATABASE_URL to run")]
 async fn read_modify_write_loses_nothing_store_mode() {
     read_modify_write(Mode::Store).await;
 }
@@ -160,11 +162,13 @@ async fn same_if_match_race(mode: Mode) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[cfg_attr(not(tp_postgres), ignore = "set DATABASE_URL to run")]
 async fn same_if_match_has_one_winner_transactional() {
     same_if_match_race(Mode::Transactional).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[cfg_attr(not(tp_postgres), ignore = "set DATABASE_URL to run")]
 async fn same_if_match_has_one_winner_store_mode() {
     same_if_match_race(Mode::Store).await;
 }
@@ -207,11 +211,13 @@ async fn create_race(mode: Mode) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[cfg_attr(not(tp_postgres), ignore = "set DATABASE_URL to run")]
 async fn concurrent_creates_have_one_winner_transactional() {
     create_race(Mode::Transactional).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[cfg_attr(not(tp_postgres), ignore = "set DATABASE_URL to run")]
 async fn concurrent_creates_have_one_winner_store_mode() {
     create_race(Mode::Store).await;
 }

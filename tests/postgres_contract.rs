@@ -17,6 +17,7 @@ use tower_precondition::{
 const TABLE: &str = "tp_test_contract_versions";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[cfg_attr(not(tp_postgres), ignore = "set DATABASE_URL to run")]
 async fn postgres_store_passes_the_contract() {
     let Some(pool) = shared_pool(16).await else {
         return;
@@ -26,6 +27,7 @@ async fn postgres_store_passes_the_contract() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[cfg_attr(not(tp_postgres), ignore = "set DATABASE_URL to run")]
 async fn contract_holds_with_a_single_connection() {
     // Every call queues for the one connection: no statement may depend on another
     // connection's progress.
@@ -37,6 +39,7 @@ async fn contract_holds_with_a_single_connection() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[cfg_attr(not(tp_postgres), ignore = "set DATABASE_URL to run")]
 async fn migrate_is_idempotent_and_safe_to_run_concurrently() {
     let Some(pool) = shared_pool(8).await else {
         return;
@@ -61,6 +64,7 @@ async fn migrate_is_idempotent_and_safe_to_run_concurrently() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(not(tp_postgres), ignore = "set DATABASE_URL to run")]
 async fn migrate_adds_the_seeded_column_to_a_table_of_an_earlier_version() {
     let Some(pool) = shared_pool(2).await else {
         return;
@@ -109,6 +113,7 @@ async fn migrate_adds_the_seeded_column_to_a_table_of_an_earlier_version() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(not(tp_postgres), ignore = "set DATABASE_URL to run")]
 async fn a_missing_table_is_an_unavailable_store_that_names_migrate() {
     let Some(pool) = shared_pool(2).await else {
         return;
@@ -122,6 +127,7 @@ async fn a_missing_table_is_an_unavailable_store_that_names_migrate() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(not(tp_postgres), ignore = "set DATABASE_URL to run")]
 async fn a_row_that_is_not_an_entry_is_reported_corrupt() {
     let Some(pool) = shared_pool(2).await else {
         return;
@@ -156,6 +162,7 @@ async fn a_row_that_is_not_an_entry_is_reported_corrupt() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(not(tp_postgres), ignore = "set DATABASE_URL to run")]
 async fn connect_checks_the_server() {
     let Some(url) = postgres_support::database_url() else {
         return;

@@ -32,6 +32,7 @@ async fn problem_code(response: Response<Body>) -> String {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[cfg_attr(not(tp_postgres), ignore = "set DATABASE_URL to run")]
 async fn a_failing_handler_changes_neither_data_nor_version() {
     let _serial = SERIAL.lock().await;
     let Some(pool) = shared_pool(4).await else {
@@ -79,6 +80,7 @@ async fn a_failing_handler_changes_neither_data_nor_version() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[cfg_attr(not(tp_postgres), ignore = "set DATABASE_URL to run")]
 async fn a_service_error_rolls_back() {
     let _serial = SERIAL.lock().await;
     let Some(pool) = shared_pool(4).await else {
@@ -117,6 +119,7 @@ async fn a_service_error_rolls_back() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[cfg_attr(not(tp_postgres), ignore = "set DATABASE_URL to run")]
 async fn a_handler_past_its_deadline_is_rolled_back() {
     let _serial = SERIAL.lock().await;
     let Some(pool) = shared_pool(4).await else {
@@ -151,6 +154,7 @@ async fn a_handler_past_its_deadline_is_rolled_back() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[cfg_attr(not(tp_postgres), ignore = "set DATABASE_URL to run")]
 async fn a_dropped_request_rolls_back_and_leaks_no_transaction() {
     let _serial = SERIAL.lock().await;
     let Some(check) = shared_pool(2).await else {

@@ -18,6 +18,7 @@ const TABLE: &str = "tp_test_statement_timeout_versions";
 const STORE_TIMEOUT: Duration = Duration::from_secs(2);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[cfg_attr(not(tp_postgres), ignore = "set DATABASE_URL to run")]
 async fn finding_7_8_a_timed_out_store_call_neither_poisons_the_pool_nor_lands_later() {
     // One connection: a connection handed back with a statement still running on it
     // is surely the one the next call gets.
@@ -100,6 +101,7 @@ async fn finding_7_8_a_timed_out_store_call_neither_poisons_the_pool_nor_lands_l
 /// store timeout, a client that went away) is cancelled on the server, and its
 /// connection is not reused.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[cfg_attr(not(tp_postgres), ignore = "set DATABASE_URL to run")]
 async fn an_abandoned_store_call_is_cancelled_and_its_connection_discarded() {
     let Some(pool) = shared_pool(1).await else {
         return;

@@ -20,6 +20,7 @@ const VERSIONS: &str = "tp_test_store_stall_versions";
 const ITEMS: &str = "tp_test_store_stall_items";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(not(tp_postgres), ignore = "set DATABASE_URL to run")]
 async fn finding_8_1_store_mode_over_postgres_lets_a_valid_write_through_while_uploads_stall() {
     let Some(pool) = shared_pool(16).await else {
         return;

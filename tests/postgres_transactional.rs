@@ -32,6 +32,7 @@ const ITEMS: &str = "tp_test_tx_items";
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[cfg_attr(not(tp_postgres), ignore = "set DATABASE_URL to run")]
 async fn create_read_replace_delete_cycle() {
     let _serial = SERIAL.lock().await;
     let Some(pool) = shared_pool(4).await else {
@@ -105,6 +106,7 @@ async fn create_read_replace_delete_cycle() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[cfg_attr(not(tp_postgres), ignore = "set DATABASE_URL to run")]
 async fn the_handlers_strong_etag_becomes_the_version() {
     let _serial = SERIAL.lock().await;
     let Some(pool) = shared_pool(4).await else {
@@ -135,6 +137,7 @@ async fn the_handlers_strong_etag_becomes_the_version() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[cfg_attr(not(tp_postgres), ignore = "set DATABASE_URL to run")]
 async fn unconditional_writes_get_428_when_required() {
     let _serial = SERIAL.lock().await;
     let Some(pool) = shared_pool(4).await else {
@@ -164,6 +167,7 @@ async fn unconditional_writes_get_428_when_required() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[cfg_attr(not(tp_postgres), ignore = "set DATABASE_URL to run")]
 async fn a_refusing_handler_changes_neither_data_nor_version() {
     let _serial = SERIAL.lock().await;
     let Some(pool) = shared_pool(4).await else {
@@ -199,6 +203,7 @@ async fn a_refusing_handler_changes_neither_data_nor_version() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[cfg_attr(not(tp_postgres), ignore = "set DATABASE_URL to run")]
 async fn a_concurrent_writer_waits_for_the_row_then_fails_its_precondition() {
     let _serial = SERIAL.lock().await;
     let Some(pool) = shared_pool(6).await else {
@@ -250,6 +255,7 @@ async fn a_concurrent_writer_waits_for_the_row_then_fails_its_precondition() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[cfg_attr(not(tp_postgres), ignore = "set DATABASE_URL to run")]
 async fn a_writer_that_waits_past_lock_timeout_gets_409() {
     let _serial = SERIAL.lock().await;
     let Some(pool) = shared_pool(6).await else {
@@ -291,6 +297,7 @@ fn tag(s: &str) -> EntityTag {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[cfg_attr(not(tp_postgres), ignore = "set DATABASE_URL to run")]
 async fn store_mode_leases_on_the_same_table_are_respected() {
     let _serial = SERIAL.lock().await;
     let Some(pool) = shared_pool(4).await else {
@@ -347,6 +354,7 @@ async fn store_mode_leases_on_the_same_table_are_respected() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[cfg_attr(not(tp_postgres), ignore = "set DATABASE_URL to run")]
 async fn the_transaction_is_closed_to_the_handler_after_the_response() {
     let _serial = SERIAL.lock().await;
     let Some(pool) = shared_pool(4).await else {

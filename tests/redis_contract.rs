@@ -16,6 +16,7 @@ use tower_precondition::{
 };
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[cfg_attr(not(tp_redis), ignore = "set REDIS_URL to run")]
 async fn connection_manager_store_passes_the_contract() {
     let Some((store, _cleanup)) = shared_store().await else {
         return;
@@ -24,6 +25,7 @@ async fn connection_manager_store_passes_the_contract() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[cfg_attr(not(tp_redis), ignore = "set REDIS_URL to run")]
 async fn multiplexed_connection_store_with_a_braced_prefix_passes_the_contract() {
     let Some(url) = redis_url() else {
         return;
@@ -40,6 +42,7 @@ async fn multiplexed_connection_store_with_a_braced_prefix_passes_the_contract()
 }
 
 #[tokio::test]
+#[cfg_attr(not(tp_redis), ignore = "set REDIS_URL to run")]
 async fn entries_are_hashes_under_a_hash_tagged_key() {
     let Some((store, _cleanup)) = shared_store().await else {
         return;
@@ -92,6 +95,7 @@ async fn entries_are_hashes_under_a_hash_tagged_key() {
 }
 
 #[tokio::test]
+#[cfg_attr(not(tp_redis), ignore = "set REDIS_URL to run")]
 async fn no_entry_ever_gets_a_time_to_live() {
     let Some((store, _cleanup)) = shared_store().await else {
         return;
@@ -140,6 +144,7 @@ async fn no_entry_ever_gets_a_time_to_live() {
 }
 
 #[tokio::test]
+#[cfg_attr(not(tp_redis), ignore = "set REDIS_URL to run")]
 async fn the_clock_is_one_server_clock_that_never_goes_back() {
     let Some((store, _cleanup)) = shared_store().await else {
         return;
@@ -198,6 +203,7 @@ async fn crash_while_writing(store: &RedisStore, key: &str, millis: u64) {
 }
 
 #[tokio::test]
+#[cfg_attr(not(tp_redis), ignore = "set REDIS_URL to run")]
 async fn an_expired_lease_is_taken_over_with_a_fresh_version() {
     let Some((store, _cleanup)) = shared_store().await else {
         return;
@@ -265,6 +271,7 @@ async fn an_expired_lease_is_taken_over_with_a_fresh_version() {
 }
 
 #[tokio::test]
+#[cfg_attr(not(tp_redis), ignore = "set REDIS_URL to run")]
 async fn corrupt_entries_are_errors_and_writes_fail_closed() {
     let Some((store, _cleanup)) = shared_store().await else {
         return;
@@ -346,6 +353,7 @@ async fn a_flushed_script_cache_is_reloaded_transparently() {
 }
 
 #[tokio::test]
+#[cfg_attr(not(tp_redis), ignore = "set REDIS_URL to run")]
 async fn a_replayed_script_call_is_applied_not_a_conflict() {
     let Some((store, _cleanup)) = shared_store().await else {
         return;
@@ -380,6 +388,7 @@ async fn a_replayed_script_call_is_applied_not_a_conflict() {
 }
 
 #[tokio::test]
+#[cfg_attr(not(tp_redis), ignore = "set REDIS_URL to run")]
 async fn unreachable_redis_is_an_unavailable_error() {
     if redis_url().is_none() {
         return;
@@ -409,6 +418,7 @@ async fn unreachable_redis_is_an_unavailable_error() {
 /// next `If-None-Match: *` create passed where the memory store answers `412`. An
 /// expired lease must stay until a request takes it over with a fresh version.
 #[tokio::test]
+#[cfg_attr(not(tp_redis), ignore = "set REDIS_URL to run")]
 async fn finding_7_6_an_expired_lease_stays_in_redis_until_taken_over() {
     let Some((store, _cleanup)) = shared_store().await else {
         return;

@@ -40,6 +40,7 @@ async fn setup() -> Option<(OwnRedis, Router, Arc<AtomicUsize>)> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(not(tp_redis), ignore = "set REDIS_URL to run")]
 async fn redis_down_fails_writes_closed_and_service_recovers_on_restart() {
     let Some((mut server, app, calls)) = setup().await else {
         return;
@@ -124,6 +125,7 @@ async fn redis_down_fails_writes_closed_and_service_recovers_on_restart() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(not(tp_redis), ignore = "set REDIS_URL to run")]
 async fn script_flush_mid_run_reaches_no_client() {
     let Some((server, app, _)) = setup().await else {
         return;
@@ -196,6 +198,7 @@ async fn script_flush_mid_run_reaches_no_client() {
 }
 
 #[tokio::test]
+#[cfg_attr(not(tp_redis), ignore = "set REDIS_URL to run")]
 async fn an_empty_script_cache_is_refilled_by_the_next_call() {
     if redis_url().is_none() {
         return;

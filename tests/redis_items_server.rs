@@ -29,6 +29,7 @@ async fn redis_env() -> Option<(String, String, Cleanup)> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(not(tp_redis), ignore = "set REDIS_URL to run")]
 async fn axum_redis_serves_the_items_contract() {
     let Some((url, prefix, _cleanup)) = redis_env().await else {
         return;
@@ -41,6 +42,7 @@ async fn axum_redis_serves_the_items_contract() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(not(tp_redis), ignore = "set REDIS_URL to run")]
 async fn axum_redis_requires_preconditions_when_asked() {
     let Some((url, prefix, _cleanup)) = redis_env().await else {
         return;
@@ -53,6 +55,7 @@ async fn axum_redis_requires_preconditions_when_asked() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(not(tp_redis), ignore = "set REDIS_URL to run")]
 async fn axum_redis_lets_a_valid_write_through_while_uploads_stall() {
     let Some((url, prefix, _cleanup)) = redis_env().await else {
         return;
@@ -65,6 +68,7 @@ async fn axum_redis_lets_a_valid_write_through_while_uploads_stall() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(not(tp_redis), ignore = "set REDIS_URL to run")]
 async fn axum_redis_keys_an_alias_path_to_the_same_item() {
     let Some((url, prefix, _cleanup)) = redis_env().await else {
         return;
@@ -77,6 +81,7 @@ async fn axum_redis_keys_an_alias_path_to_the_same_item() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(not(tp_redis), ignore = "set REDIS_URL to run")]
 async fn axum_redis_hides_a_private_item_from_preconditions() {
     let Some((url, prefix, _cleanup)) = redis_env().await else {
         return;
@@ -89,6 +94,7 @@ async fn axum_redis_hides_a_private_item_from_preconditions() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(not(tp_redis), ignore = "set REDIS_URL to run")]
 async fn three_processes_serve_one_consistent_set_of_items() {
     const RACERS: usize = 24;
     let Some((url, prefix, _cleanup)) = redis_env().await else {

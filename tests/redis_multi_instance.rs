@@ -42,6 +42,7 @@ async fn instances() -> Option<(Vec<Router>, Vec<Arc<AtomicUsize>>, Cleanup)> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[cfg_attr(not(tp_redis), ignore = "set REDIS_URL to run")]
 async fn read_modify_write_across_instances_loses_no_increment() {
     const CLIENTS: usize = 24;
     const INCREMENTS: usize = 8;
@@ -115,6 +116,7 @@ async fn read_modify_write_across_instances_loses_no_increment() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[cfg_attr(not(tp_redis), ignore = "set REDIS_URL to run")]
 async fn concurrent_writes_with_one_if_match_have_exactly_one_winner() {
     const WRITERS: usize = 30;
     const ROUNDS: usize = 5;

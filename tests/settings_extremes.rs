@@ -221,6 +221,7 @@ mod postgres {
     }
 
     #[tokio::test]
+    #[cfg_attr(not(tp_postgres), ignore = "set DATABASE_URL to run")]
     async fn settings_extremes_transactional_max_durations() {
         let Some(pool) = shared_pool(2).await else {
             return;
@@ -238,6 +239,7 @@ mod postgres {
     }
 
     #[tokio::test]
+    #[cfg_attr(not(tp_postgres), ignore = "set DATABASE_URL to run")]
     async fn settings_extremes_transactional_zero_durations() {
         let Some(pool) = shared_pool(2).await else {
             return;
@@ -262,6 +264,7 @@ mod postgres {
     }
 
     #[tokio::test]
+    #[cfg_attr(not(tp_postgres), ignore = "set DATABASE_URL to run")]
     async fn settings_extremes_store_layer_over_postgres_max_lease() {
         let Some(pool) = shared_pool(2).await else {
             return;
@@ -297,6 +300,7 @@ mod redis {
     }
 
     #[tokio::test]
+    #[cfg_attr(not(tp_redis), ignore = "set REDIS_URL to run")]
     async fn settings_extremes_redis_max_lease() {
         let Some((store, _cleanup)) = shared_store().await else {
             return;

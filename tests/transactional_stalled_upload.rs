@@ -229,6 +229,7 @@ fn code_of(body: &str) -> Option<String> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[cfg_attr(not(tp_postgres), ignore = "set DATABASE_URL to run")]
 async fn finding_8_1_a_valid_write_goes_through_while_twenty_uploads_stall() {
     let _serial = SERIAL.lock().await;
     let Some(pool) = shared_pool(8).await else {
@@ -276,6 +277,7 @@ async fn finding_8_1_a_valid_write_goes_through_while_twenty_uploads_stall() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[cfg_attr(not(tp_postgres), ignore = "set DATABASE_URL to run")]
 async fn finding_8_1_a_stalled_upload_times_out_with_408_and_changes_nothing() {
     let _serial = SERIAL.lock().await;
     let Some(pool) = shared_pool(4).await else {
@@ -316,6 +318,7 @@ async fn finding_8_1_a_stalled_upload_times_out_with_408_and_changes_nothing() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[cfg_attr(not(tp_postgres), ignore = "set DATABASE_URL to run")]
 async fn finding_7_4_a_body_cut_off_mid_upload_reaches_no_handler_and_keeps_the_etag() {
     let _serial = SERIAL.lock().await;
     let Some(pool) = shared_pool(4).await else {
@@ -340,6 +343,7 @@ async fn finding_7_4_a_body_cut_off_mid_upload_reaches_no_handler_and_keeps_the_
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[cfg_attr(not(tp_postgres), ignore = "set DATABASE_URL to run")]
 async fn finding_7_4_a_body_shorter_than_its_content_length_or_failing_gets_400() {
     let _serial = SERIAL.lock().await;
     let Some(pool) = shared_pool(4).await else {
@@ -388,6 +392,7 @@ async fn finding_7_4_a_body_shorter_than_its_content_length_or_failing_gets_400(
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[cfg_attr(not(tp_postgres), ignore = "set DATABASE_URL to run")]
 async fn finding_8_1_an_over_limit_body_gets_413_without_being_read() {
     let _serial = SERIAL.lock().await;
     let Some(pool) = shared_pool(4).await else {
@@ -426,6 +431,7 @@ async fn finding_8_1_an_over_limit_body_gets_413_without_being_read() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[cfg_attr(not(tp_postgres), ignore = "set DATABASE_URL to run")]
 async fn finding_8_1_streaming_writes_are_capped_so_reads_and_refusals_stay_prompt() {
     let _serial = SERIAL.lock().await;
     let Some(pool) = shared_pool(8).await else {
@@ -473,6 +479,7 @@ async fn finding_8_1_streaming_writes_are_capped_so_reads_and_refusals_stay_prom
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[cfg_attr(not(tp_postgres), ignore = "set DATABASE_URL to run")]
 async fn every_transactional_setting_saturates() {
     let _serial = SERIAL.lock().await;
     let Some(pool) = shared_pool(4).await else {
