@@ -44,18 +44,26 @@
 //!
 //! # How a write works: reserve, run, settle
 //!
+//! 0. **Decide access, read the body.** An [`authorize`](PreconditionLayer::authorize)
+//!    check, if set, runs first (RFC 9110 section 13.2.1); the body is then read in full
+//!    ([`RequestBodyConfig`]), so a stalled or cut-off upload holds and changes nothing.
 //! 1. **Reserve.** The preconditions are evaluated against the resource's current entry
-//!    and, in the same compare-and-set, a lease (a random token and an expiry) is put on
-//!    it. A write that finds a live lease gets `409`; a failed precondition gets `412`.
+//!    and, in the same compare-and-set, a lease (a random token and an expiry on the
+//!    *store's* clock) is put on it. A write that finds a live lease gets `409`; a
+//!    failed precondition gets `412`.
 //! 2. **Run** the handler, which finds a [`Reservation`] in the request extensions.
 //! 3. **Settle** with one compare-and-set that must still find our lease: a `2xx`
 //!    commits a new version (the handler's strong `ETag` if it set one), a `4xx`
 //!    releases the lease and keeps the old version, and anything else — a `5xx`, an
-//!    error, a missed deadline, a client that disconnected — commits a *fresh* version,
-//!    so every old `ETag` fails from then on.
+//!    error, a missed deadline, a client that disconnected — is an unknown outcome: a
+//!    resource that had a version gets a *fresh* one, so every old `ETag` fails from
+//!    then on (one that had none is left with none). A write whose lease was taken
+//!    over before it settled gets `503`, never a plain `2xx`. Validators go on `2xx`
+//!    responses only.
 //!
-//! Reads get `ETag` / `Last-Modified`, and `304` when `If-None-Match` /
-//! `If-Modified-Since` match. A store that cannot be reached fails writes closed
+//! Reads run the handler first; its `2xx` gets `ETag` / `Last-Modified`, or becomes
+//! the `304` when `If-None-Match` / `If-Modified-Since` match. No read removes a
+//! version a write committed. A store that cannot be reached fails writes closed
 //! (`503` with `Retry-After`); reads are then served without validators.
 //!
 //! The layer needs a Tokio runtime with the time driver (for its deadlines).
@@ -110,14 +118,14 @@
 //!
 //! | code | when |
 //! | --- | --- |
-//! | 304 | a read whose `If-None-Match` / `If-Modified-Since` matches |
+//! | 304 | a read whose `If-None-Match` / `If-Modified-Since` matches (the handler's `2xx` headers, without its body) |
 //! | 400 | a malformed `If-Match`, or `If-None-Match` on a write (a read ignores it); a buffered write body that failed or ended short of its `Content-Length` ([`request_body`]) |
 //! | 408 | a buffered write body not in hand within the read timeout ([`request_body`]) |
 //! | 409 | a write while another write on the same resource is in flight |
 //! | 412 | a precondition evaluated false (with the current `ETag` and `Last-Modified`) |
 //! | 413 | a buffered write body over the size limit ([`request_body`]) |
 //! | 428 | the [`PreconditionPolicy`] requires a precondition and a write has none it accepts |
-//! | 503 | the version store failed or timed out, or a handler missed its deadline |
+//! | 503 | the version store failed or timed out, a handler missed its deadline, or a write's lease was taken over before it settled |
 //!
 //! Every body the layer writes is `application/problem+json` (RFC 9457).
 //!
