@@ -251,15 +251,10 @@ impl WriteGuard {
     /// matching; a writer that holds it will commit a new version itself.
     async fn invalidate_after_lost_lease(&self, current: Option<Entry>) {
         let Some(found) = current else { return };
-        let Some(version) = found.version() else {
-            return;
-        };
-        if found.lease().is_some_and(|l| !l.is_released()) {
+        if found.version().is_none() || found.lease().is_some_and(|l| !l.is_released()) {
             return;
         }
-        let fresh = Version::successor(Some(version), fresh_etag(), SystemTime::now())
-            .map(|v| v.with_seeded(version.is_seeded()))
-            .map(Entry::committed);
+        let fresh = unknown_outcome_base(found.version()).map(Entry::committed);
         let result = store_call(
             self.store_timeout,
             self.store
