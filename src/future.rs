@@ -380,7 +380,7 @@ where
             let version = entry.version().expect("a versioned read has a version");
             match strong_etag(response.headers(), &ctx.key) {
                 Some(tag) if !tag.strong_eq(version.etag()) => {
-                    if entry.lease().is_some_and(|l| !l.is_released()) {
+                    if entry.write_lease().is_some() {
                         // A write is in flight: it will commit a version of its own.
                         return ready(unverifiable(&ctx.pre, response));
                     }

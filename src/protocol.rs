@@ -251,7 +251,7 @@ impl WriteGuard {
     /// matching; a writer that holds it will commit a new version itself.
     async fn invalidate_after_lost_lease(&self, current: Option<Entry>) {
         let Some(found) = current else { return };
-        if found.version().is_none() || found.lease().is_some_and(|l| !l.is_released()) {
+        if found.version().is_none() || found.write_lease().is_some() {
             return;
         }
         let fresh = unknown_outcome_base(found.version()).map(Entry::committed);
@@ -577,10 +577,7 @@ pub(crate) async fn load_for_read(config: &Config, key: &str) -> Result<ReadStar
     let mut current = store_call(config.store_timeout, store.load(key)).await?;
     let mut clock = None;
     for _ in 0..config.max_reserve_attempts {
-        let has_lease = current
-            .as_ref()
-            .and_then(Entry::lease)
-            .is_some_and(|l| !l.is_released());
+        let has_lease = current.as_ref().and_then(Entry::write_lease).is_some();
         let now_millis = if has_lease {
             let now = match clock {
                 Some(now) => now,

@@ -320,6 +320,11 @@ impl Entry {
         self.lease.as_ref()
     }
 
+    /// The lease of a write, live or expired: any lease but a release marker.
+    pub(crate) fn write_lease(&self) -> Option<&Lease> {
+        self.lease.as_ref().filter(|l| !l.is_released())
+    }
+
     /// The lease of a write that still holds the resource at `now_millis` (store clock).
     pub fn live_lease(&self, now_millis: u64) -> Option<&Lease> {
         self.lease.as_ref().filter(|l| l.is_live_at(now_millis))
@@ -328,9 +333,7 @@ impl Entry {
     /// A lease that is neither live nor a release marker: its writer died or stalled
     /// with the outcome unknown.
     pub fn expired_lease(&self, now_millis: u64) -> Option<&Lease> {
-        self.lease
-            .as_ref()
-            .filter(|l| !l.is_released() && !l.is_live_at(now_millis))
+        self.write_lease().filter(|l| !l.is_live_at(now_millis))
     }
 
     /// The version, taken out of an entry that is no longer needed (saves a clone).
