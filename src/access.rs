@@ -4,7 +4,9 @@
 use std::{future::Future, pin::Pin, sync::Arc};
 
 use bytes::Bytes;
-use http::{request::Parts, Response};
+use http::{request::Parts, Request, Response};
+
+use crate::response::Early;
 
 /// The boxed future of an access check.
 pub(crate) type AccessFuture = Pin<Box<dyn Future<Output = Result<(), Response<Bytes>>> + Send>>;
@@ -21,7 +23,24 @@ where
     Arc::new(move |parts: &Parts| Box::pin(check(parts)) as AccessFuture)
 }
 
-/// Starts the check for `parts`, if the layer has one.
-pub(crate) fn start(check: Option<&Arc<AccessFn>>, parts: &Parts) -> Option<AccessFuture> {
-    check.map(|check| check(parts))
+/// Starts the check for `request`, if the layer has one. (The user's check takes the
+/// request head, which `http` only lends out of a request taken apart.)
+pub(crate) fn start<B>(
+    check: Option<&Arc<AccessFn>>,
+    request: Request<B>,
+) -> (Request<B>, Option<AccessFuture>) {
+    let Some(check) = check else {
+        return (request, None);
+    };
+    let (parts, body) = request.into_parts();
+    let started = check(&parts);
+    (Request::from_parts(parts, body), Some(started))
+}
+
+/// Waits for a started check: `Ok` to go on, or the application's refusal.
+pub(crate) async fn passed(check: Option<AccessFuture>) -> Result<(), Early> {
+    match check {
+        Some(check) => check.await.map_err(Early::Refused),
+        None => Ok(()),
+    }
 }

@@ -92,9 +92,7 @@ where
         };
         let method = request.method().clone();
         // The application decides access and existence first (RFC 9110 section 13.2.1).
-        let (parts, body) = request.into_parts();
-        let check = access::start(self.config.access.as_ref(), &parts);
-        let request = Request::from_parts(parts, body);
+        let (request, check) = access::start(self.config.access.as_ref(), request);
 
         // The inner service we were driven ready: keep it for after the store step,
         // leave a clone in its place (tower's readiness contract).
@@ -106,9 +104,7 @@ where
                 let config = config.clone();
                 let key = key.clone();
                 async move {
-                    if let Some(check) = check {
-                        check.await.map_err(Early::Refused)?;
-                    }
+                    access::passed(check).await?;
                     Ok(protocol::load_for_read(&config, &key).await)
                 }
             };
@@ -119,9 +115,7 @@ where
                 let key = key.clone();
                 let method = method.clone();
                 async move {
-                    if let Some(check) = check {
-                        check.await.map_err(Early::Refused)?;
-                    }
+                    access::passed(check).await?;
                     // The lease is taken once the body is in hand: a client that
                     // stalls its upload holds nothing that other writers wait for, and
                     // a body cut off mid-upload is refused before anything changes.

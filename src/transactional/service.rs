@@ -110,16 +110,12 @@ where
 
         // The application decides access first (RFC 9110 section 13.2.1): nothing is
         // begun for a request it refuses.
-        let (parts, body) = request.into_parts();
-        let check = access::start(self.config.access.as_ref(), &parts);
-        let request = Request::from_parts(parts, body);
+        let (request, check) = access::start(self.config.access.as_ref(), request);
         let begin = {
             let config = self.config.clone();
             let (key, method) = (key.clone(), method.clone());
             Box::pin(async move {
-                if let Some(check) = check {
-                    check.await.map_err(Early::Refused)?;
-                }
+                access::passed(check).await?;
                 tx::begin(config, key, method, pre)
                     .await
                     .map_err(Early::from)
