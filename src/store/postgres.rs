@@ -164,6 +164,9 @@ use crate::etag::EntityTag;
 /// The table name used unless [`PostgresStore::table`] sets another.
 pub const DEFAULT_TABLE: &str = "tower_precondition_versions";
 
+/// The most Postgres accepts for `statement_timeout` / `lock_timeout` (`i32::MAX` ms).
+pub(crate) const MAX_PG_TIMEOUT: Duration = Duration::from_millis(i32::MAX as u64);
+
 /// How long a store call may take on the server unless
 /// [`PostgresStore::statement_timeout`] sets another: a margin below the layer's default
 /// 2 s store timeout, so that the server has given up on a statement before the layer
@@ -208,10 +211,7 @@ impl PostgresStore {
     /// 1 ms ..= `i32::MAX` ms, the range Postgres accepts.
     #[must_use]
     pub fn statement_timeout(mut self, timeout: Duration) -> Self {
-        self.statement_timeout = timeout.clamp(
-            Duration::from_millis(1),
-            Duration::from_millis(i32::MAX as u64),
-        );
+        self.statement_timeout = timeout.clamp(Duration::from_millis(1), MAX_PG_TIMEOUT);
         self
     }
 

@@ -11,12 +11,9 @@ use crate::{
     access::{access_fn, AccessFn},
     admission::{self, KeyFn, PreconditionPolicy},
     layer::MAX_DURATION,
-    store::PostgresStore,
+    store::{postgres::MAX_PG_TIMEOUT, PostgresStore},
     PreconditionLayer, RequestBodyConfig,
 };
-
-/// The most Postgres accepts for `statement_timeout` / `lock_timeout` (`i32::MAX` ms).
-const MAX_PG_TIMEOUT: Duration = Duration::from_millis(i32::MAX as u64);
 
 /// The configuration shared by every service a layer builds.
 #[derive(Clone)]
