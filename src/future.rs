@@ -18,7 +18,7 @@ use std::{
     task::{ready, Context, Poll},
 };
 
-use http::{header, HeaderMap, Method, Request, Response, StatusCode};
+use http::{header, HeaderMap, Method, Request, Response};
 use pin_project_lite::pin_project;
 use tokio::time::Sleep;
 use tower_service::Service;
@@ -30,8 +30,7 @@ use crate::{
     layer::Config,
     protocol::{self, ReadStart, Settled, Settlement, WriteGuard},
     response::{
-        not_modified, remove_validators, set_not_modified_validators, set_validators, Early,
-        Problem,
+        into_not_modified, not_modified, remove_validators, set_validators, Early, Problem,
     },
     store::{Entry, StoreError, Version},
 };
@@ -445,26 +444,6 @@ fn unverifiable<B>(pre: &Preconditions, mut response: Response<B>) -> Response<R
     }
     remove_validators(response.headers_mut());
     response.map(ResponseBody::inner)
-}
-
-/// Turns a handler's 2xx into a `304`, keeping the headers a 304 must repeat
-/// (RFC 9110 section 15.4.5) and dropping the content.
-fn into_not_modified<B>(
-    response: Response<B>,
-    version: &Version,
-    pre: &Preconditions,
-) -> Response<ResponseBody<B>> {
-    let (mut parts, _body) = response.into_parts();
-    parts.status = StatusCode::NOT_MODIFIED;
-    for name in [
-        header::CONTENT_LENGTH,
-        header::TRANSFER_ENCODING,
-        header::CONTENT_TYPE,
-    ] {
-        parts.headers.remove(name);
-    }
-    set_not_modified_validators(&mut parts.headers, version, pre);
-    Response::from_parts(parts, ResponseBody::not_modified())
 }
 
 /// The handler's own strong `ETag`, if it set exactly one valid one.

@@ -156,6 +156,7 @@ mod layer;
 mod protocol;
 pub mod request_body;
 mod response;
+pub mod row_version;
 mod service;
 pub mod store;
 #[cfg(feature = "postgres")]

@@ -155,6 +155,26 @@ pub(crate) fn not_modified<B>(version: &Version, pre: &Preconditions) -> Respons
     response
 }
 
+/// Turns a handler's 2xx into a `304`, keeping the headers a 304 must repeat
+/// (RFC 9110 section 15.4.5) and dropping the content.
+pub(crate) fn into_not_modified<B>(
+    response: Response<B>,
+    version: &Version,
+    pre: &Preconditions,
+) -> Response<ResponseBody<B>> {
+    let (mut parts, _body) = response.into_parts();
+    parts.status = StatusCode::NOT_MODIFIED;
+    for name in [
+        header::CONTENT_LENGTH,
+        header::TRANSFER_ENCODING,
+        header::CONTENT_TYPE,
+    ] {
+        parts.headers.remove(name);
+    }
+    set_not_modified_validators(&mut parts.headers, version, pre);
+    Response::from_parts(parts, ResponseBody::not_modified())
+}
+
 /// An answer given before the handler runs: the layer's own problem, or the
 /// application's refusal from its access check.
 pub(crate) enum Early {
