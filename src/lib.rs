@@ -42,6 +42,20 @@
 //! # }
 //! ```
 //!
+//! # Three ways to guard a write
+//!
+//! Choose by where the data lives; all three share the RFC side (parsing, evaluation
+//! order, `304` / `400` / `412` / `428` and their problem bodies).
+//!
+//! | mode | who performs the compare-and-set | for | round trips per write |
+//! | --- | --- | --- | --- |
+//! | [row version](row_version) ([`RowVersionLayer`](row_version::RowVersionLayer)) | the application's own write statement (`UPDATE ... WHERE id = $1 AND version = ANY($2)`), built with the crate's SQL fragments | data in Postgres (sqlx or tokio-postgres) whose rows can carry a version | one statement |
+//! | [transactional](transactional) (`PgTransactionalLayer`, feature `postgres`) | the layer, inside the transaction it hands the handler | data in the same Postgres, handlers that stay unconditional | one transaction |
+//! | store ([`PreconditionLayer`]) | an [`AtomicVersionStore`] (memory, Redis, Postgres, yours), around the handler | data anywhere | load, reserve, settle |
+//!
+//! The rest of this page is about the store mode; the [`row_version`] module shows the
+//! fastest one.
+//!
 //! # How a write works: reserve, run, settle
 //!
 //! 0. **Decide access, read the body.** An [`authorize`](PreconditionLayer::authorize)
@@ -135,7 +149,8 @@
 //! | --- | --- |
 //! | `memory` (default) | [`MemoryStore`] |
 //! | `redis` | `store::RedisStore`, shared by many processes through Redis |
-//! | `postgres` | `store::PostgresStore` and the transactional mode |
+//! | `postgres` | `store::PostgresStore`, the transactional mode, and the row-version helpers for tokio-postgres (`row_version::tokio_postgres`) |
+//! | `sqlx-postgres` | the row-version helpers for sqlx 0.8 on Postgres (`row_version::sqlx`) |
 //! | `axum` (default) | axum's body as a request body the layer can buffer ([`BufferableBody`]), and axum extractors |
 //! | `testing` | `store::testing`, the contract suite any store can run |
 

@@ -90,9 +90,17 @@ impl PgRowSql {
         self
     }
 
-    /// `CREATE SEQUENCE IF NOT EXISTS ...`, for the application's migration.
+    /// Creates the sequence if it does not exist, for the application's migration.
+    ///
+    /// Safe when several processes (or several tables' migrations) run it at once:
+    /// a bare `CREATE SEQUENCE IF NOT EXISTS` is not, and fails one of two concurrent
+    /// creators with a unique violation.
     pub fn create_sequence(&self) -> String {
-        format!("CREATE SEQUENCE IF NOT EXISTS {}", self.sequence)
+        format!(
+            "DO $tp$ BEGIN CREATE SEQUENCE IF NOT EXISTS {}; \
+             EXCEPTION WHEN duplicate_table OR unique_violation THEN NULL; END $tp$",
+            self.sequence
+        )
     }
 
     /// The version columns for an `INSERT`'s column list: `version, modified_at`.
