@@ -50,7 +50,7 @@
 //! | mode | who performs the compare-and-set | for | round trips per write |
 //! | --- | --- | --- | --- |
 //! | [row version](row_version) ([`RowVersionLayer`](row_version::RowVersionLayer)) | the application's own write statement (`UPDATE ... WHERE id = $1 AND version = ANY($2)`), built with the crate's SQL fragments | data in Postgres (sqlx or tokio-postgres) whose rows can carry a version | one statement |
-//! | [transactional](transactional) (`PgTransactionalLayer`, feature `postgres`) | the layer, inside the transaction it hands the handler | data in the same Postgres, handlers that stay unconditional | one transaction |
+//! | [transactional] (`PgTransactionalLayer`, feature `postgres`) | the layer, inside the transaction it hands the handler | data in the same Postgres, handlers that stay unconditional | one transaction |
 //! | store ([`PreconditionLayer`]) | an [`AtomicVersionStore`] (memory, Redis, Postgres, yours), around the handler | data anywhere | load, reserve, settle |
 //!
 //! The rest of this page is about the store mode; the [`row_version`] module shows the

@@ -30,9 +30,12 @@ use oneshot::send;
 /// 2026-12-02T04:22:55Z, in microseconds.
 const T: i64 = 1_796_185_375_000_000;
 
+/// A row: its version, its modification time (microseconds), its body.
+type Row = (i64, Option<i64>, String);
+
 #[derive(Clone, Default)]
 struct Table {
-    rows: Arc<Mutex<HashMap<String, (i64, Option<i64>, String)>>>,
+    rows: Arc<Mutex<HashMap<String, Row>>>,
     next: Arc<AtomicUsize>,
     calls: Arc<AtomicUsize>,
 }

@@ -129,16 +129,16 @@ fn answer<B>(ctx: &Ctx, mut response: Response<B>) -> Response<ResponseBody<B>> 
         // Validators describe 2xx bodies only.
         return response.map(ResponseBody::inner);
     }
+    if !ctx.read && !ctx.condition.is_unconditional() && !ctx.condition.was_consulted() {
+        // The write succeeded without asking for its condition, so the database cannot
+        // have checked it. Nothing can be undone here; say so loudly.
+        tracing::error!(
+            key,
+            method = %ctx.condition.method(),
+            "a conditional write succeeded, but its handler never used the RowPrecondition"
+        );
+    }
     let Some(version) = version else {
-        if !ctx.read && !ctx.condition.is_unconditional() && !ctx.condition.was_consulted() {
-            // The write succeeded without asking for its condition: it cannot have
-            // been checked. Nothing can be undone here; say so loudly.
-            tracing::error!(
-                key,
-                method = %ctx.condition.method(),
-                "a conditional write succeeded, but its handler never used the RowPrecondition"
-            );
-        }
         return response.map(ResponseBody::inner);
     };
     if ctx.read {
