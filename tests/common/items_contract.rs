@@ -1,10 +1,17 @@
 //! A black-box driver for the `/items/{id}` contract that every backend's server example
-//! (`axum_memory`, `axum_redis`, `axum_postgres`) serves.
+//! (`axum_memory`, `axum_redis`, `axum_postgres`, `axum_sqlx`, `axum_tokio_postgres`)
+//! serves.
 //!
 //! It starts the compiled example as a separate process on a free port, waits until the
 //! port answers, and drives it over real HTTP/1.1 connections. It assumes nothing
 //! beyond the contract: item ids are unique per run (shared stores persist across
 //! runs), and every item it creates is deleted again.
+//!
+//! An example whose items live in a shared database can also run as several processes
+//! on one database ([`ExampleInstances`]); a client over them ([`HttpClient::round_robin`])
+//! sends each request to the next instance, so consecutive requests of a contract are
+//! served by different processes ([`run_items_contract_on_instances`], and the races
+//! [`run_same_if_match_race_on_instances`] and [`run_counter_on_instances`]).
 //!
 //! Use it from a test file with
 //!
@@ -26,7 +33,10 @@ use std::{
     net::SocketAddr,
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
-    sync::{Mutex, OnceLock},
+    sync::{
+        atomic::{AtomicUsize, Ordering},
+        Arc, Mutex, OnceLock,
+    },
     time::{Duration, Instant, SystemTime},
 };
 
@@ -243,6 +253,52 @@ fn free_local_addr() -> SocketAddr {
     listener.local_addr().expect("local address")
 }
 
+/// Several processes of one example, each on its own port, sharing whatever backend
+/// `extra_env` names (a database, a Redis prefix); all killed when dropped.
+pub struct ExampleInstances {
+    servers: Vec<ExampleServer>,
+}
+
+impl ExampleInstances {
+    /// Starts `count` processes of example `name` with `extra_env`, on distinct ports.
+    pub async fn start(name: &str, extra_env: &[(&str, &str)], count: usize) -> Self {
+        assert!(count > 0, "at least one instance");
+        let mut servers: Vec<ExampleServer> = Vec::with_capacity(count);
+        while servers.len() < count {
+            let server = ExampleServer::start(name, extra_env).await;
+            // A port handed out twice would make two "instances" one process.
+            if servers.iter().all(|s| s.addr() != server.addr()) {
+                servers.push(server);
+            }
+        }
+        Self { servers }
+    }
+
+    pub fn servers(&self) -> &[ExampleServer] {
+        &self.servers
+    }
+}
+
+/// What a failed assertion shows: the logs of the server(s) the test talks to.
+pub trait ServerLogs {
+    fn log_text(&self) -> String;
+}
+
+impl ServerLogs for ExampleServer {
+    fn log_text(&self) -> String {
+        ExampleServer::log_text(self)
+    }
+}
+
+impl ServerLogs for ExampleInstances {
+    fn log_text(&self) -> String {
+        self.servers
+            .iter()
+            .map(|s| format!("=== {} on {} ===\n{}", s.name, s.addr, s.log_text()))
+            .collect()
+    }
+}
+
 /// An id no earlier run used: shared stores (Redis, Postgres) keep items across runs.
 pub fn unique_id(label: &str) -> String {
     let mut hasher = RandomState::new().build_hasher();
@@ -296,37 +352,72 @@ impl Reply {
     }
 }
 
-/// An HTTP/1.1 client for one server.
+/// An HTTP/1.1 client for one server, or for several instances of one, taken in turn:
+/// each request goes to the next address (round robin). Clones share the rotation.
 #[derive(Clone)]
 pub struct HttpClient {
     client: Client<HttpConnector, Full<Bytes>>,
-    addr: SocketAddr,
-    /// The server's log, shown when an exchange fails.
-    log: Option<PathBuf>,
+    addrs: Arc<[SocketAddr]>,
+    /// The servers' logs, shown when an exchange fails.
+    logs: Arc<[PathBuf]>,
+    /// How many requests were sent: the next one goes to `addrs[next % addrs.len()]`.
+    next: Arc<AtomicUsize>,
 }
 
 impl HttpClient {
     pub fn new(addr: SocketAddr) -> Self {
         Self {
             client: Client::builder(TokioExecutor::new()).build_http(),
-            addr,
-            log: None,
+            addrs: Arc::new([addr]),
+            logs: Arc::new([]),
+            next: Arc::default(),
         }
     }
 
     /// A client for `server`, whose log is shown when an exchange fails.
     pub fn for_server(server: &ExampleServer) -> Self {
         Self {
-            log: Some(server.log.clone()),
+            logs: Arc::new([server.log.clone()]),
             ..Self::new(server.addr())
         }
     }
 
+    /// A client that sends each request to the next of `instances`, in turn.
+    pub fn round_robin(instances: &ExampleInstances) -> Self {
+        Self {
+            addrs: instances.servers.iter().map(ExampleServer::addr).collect(),
+            logs: instances.servers.iter().map(|s| s.log.clone()).collect(),
+            ..Self::new(instances.servers[0].addr())
+        }
+    }
+
+    /// A client over the same addresses (and connections) with a rotation of its own,
+    /// whose next request goes to address `start`: a task that alternates reads and
+    /// writes with it sends every read and the write after it to different instances.
+    pub fn own_rotation(&self, start: usize) -> Self {
+        Self {
+            next: Arc::new(AtomicUsize::new(start)),
+            ..self.clone()
+        }
+    }
+
+    /// How many addresses the client takes in turn.
+    pub fn instances(&self) -> usize {
+        self.addrs.len()
+    }
+
     fn server_log(&self) -> String {
-        self.log
-            .as_ref()
-            .and_then(|p| std::fs::read_to_string(p).ok())
-            .unwrap_or_default()
+        self.logs
+            .iter()
+            .map(|p| {
+                let text = std::fs::read_to_string(p).unwrap_or_default();
+                if self.logs.len() > 1 {
+                    format!("=== {} ===\n{text}", p.display())
+                } else {
+                    text
+                }
+            })
+            .collect()
     }
 
     /// Sends `method path` with `headers` and an optional body (sent as JSON).
@@ -337,9 +428,10 @@ impl HttpClient {
         headers: &[(HeaderName, &str)],
         body: Option<&str>,
     ) -> Reply {
+        let addr = self.addrs[self.next.fetch_add(1, Ordering::Relaxed) % self.addrs.len()];
         let mut request = Request::builder()
             .method(method.clone())
-            .uri(format!("http://{}{path}", self.addr));
+            .uri(format!("http://{addr}{path}"));
         for (name, value) in headers {
             request = request.header(name, *value);
         }
@@ -361,11 +453,11 @@ impl HttpClient {
         match tokio::time::timeout(REQUEST_LIMIT, exchange).await {
             Ok(Ok(reply)) => reply,
             Ok(Err(error)) => panic!(
-                "{method} {path} failed: {error:?}\n--- server log ---\n{}",
+                "{method} {path} (to {addr}) failed: {error:?}\n--- server log ---\n{}",
                 self.server_log()
             ),
             Err(_) => panic!(
-                "{method} {path} got no answer within {REQUEST_LIMIT:?}\n--- server log ---\n{}",
+                "{method} {path} (to {addr}) got no answer within {REQUEST_LIMIT:?}\n--- server log ---\n{}",
                 self.server_log()
             ),
         }
@@ -395,7 +487,7 @@ fn if_match(tag: &str) -> [(HeaderName, &str); 1] {
 
 /// Asserts `reply` has `status`, showing the body and the server's log otherwise.
 #[track_caller]
-fn expect_status(server: &ExampleServer, what: &str, reply: &Reply, status: StatusCode) {
+fn expect_status(server: &impl ServerLogs, what: &str, reply: &Reply, status: StatusCode) {
     assert!(
         reply.status == status,
         "{what}: expected {status}, got {} with body {:?}\n--- server log ---\n{}",
@@ -406,7 +498,7 @@ fn expect_status(server: &ExampleServer, what: &str, reply: &Reply, status: Stat
 }
 
 #[track_caller]
-fn expect_success(server: &ExampleServer, what: &str, reply: &Reply) {
+fn expect_success(server: &impl ServerLogs, what: &str, reply: &Reply) {
     assert!(
         reply.status.is_success(),
         "{what}: expected 2xx, got {} with body {:?}\n--- server log ---\n{}",
@@ -450,8 +542,24 @@ fn expect_problem(what: &str, reply: &Reply, status: StatusCode) {
 /// `/items/{id}` contract with the precondition policy off.
 pub async fn run_items_contract(example: &str, extra_env: &[(&str, &str)]) {
     let server = ExampleServer::start(example, extra_env).await;
-    let http = HttpClient::for_server(&server);
-    let s = &server;
+    items_contract(&server, &HttpClient::for_server(&server)).await;
+}
+
+/// Starts `instances` processes of example `example` on one backend (`extra_env` names
+/// it) and drives them through the whole `/items/{id}` contract, each request to the
+/// next process: an item written through one is read, revalidated and refused through
+/// the others.
+pub async fn run_items_contract_on_instances(
+    example: &str,
+    extra_env: &[(&str, &str)],
+    instances: usize,
+) {
+    let servers = ExampleInstances::start(example, extra_env, instances).await;
+    items_contract(&servers, &HttpClient::round_robin(&servers)).await;
+}
+
+/// Every case of the `/items/{id}` contract, through `http`; `s` shows the logs.
+async fn items_contract(s: &impl ServerLogs, http: &HttpClient) {
     let id = unique_id("contract");
     let path = format!("/items/{id}");
     let path = path.as_str();
@@ -979,4 +1087,189 @@ pub async fn run_hidden_resource_contract(example: &str, extra_env: &[(&str, &st
         StatusCode::NOT_MODIFIED,
     );
     expect_success(&server, "cleanup", &client.delete(&path, &alice).await);
+}
+
+// ---------------------------------------------------------------------------------------
+// Races across instances
+// ---------------------------------------------------------------------------------------
+
+/// Writers per round of [`run_same_if_match_race_on_instances`], and its rounds.
+const ROUND_RACERS: usize = 8;
+const ROUNDS: usize = 10;
+/// Clients of [`run_counter_on_instances`], and the increments each must make.
+const COUNTER_CLIENTS: usize = 6;
+const INCREMENTS: usize = 10;
+
+/// Starts `instances` processes of example `example` on one backend, and races
+/// [`ROUND_RACERS`] writers carrying the same `If-Match`, spread over the processes and
+/// released together, for [`ROUNDS`] rounds (`PUT` and `PATCH` in turn). In every
+/// round exactly one wins; every loser gets `412` whose `ETag` is the winner's (the
+/// version that beat it, not a version from before or a guess); and every instance
+/// then serves the winner's body with the winner's tag.
+pub async fn run_same_if_match_race_on_instances(
+    example: &str,
+    extra_env: &[(&str, &str)],
+    instances: usize,
+) {
+    let servers = ExampleInstances::start(example, extra_env, instances).await;
+    let http = HttpClient::round_robin(&servers);
+    let s = &servers;
+    let path = format!("/items/{}", unique_id("race"));
+    let created = http
+        .put(
+            &path,
+            &[(header::IF_NONE_MATCH, "*")],
+            &json!({"round": null, "writer": null}),
+        )
+        .await;
+    expect_status(s, "create the raced item", &created, StatusCode::CREATED);
+    let mut tag = etag_of("create the raced item", &created);
+
+    for round in 0..ROUNDS {
+        let method = if round % 2 == 0 {
+            Method::PUT
+        } else {
+            Method::PATCH
+        };
+        let start = Arc::new(tokio::sync::Barrier::new(ROUND_RACERS));
+        let racers: Vec<_> = (0..ROUND_RACERS)
+            .map(|writer| {
+                let (http, path, tag) = (http.clone(), path.clone(), tag.clone());
+                let (method, start) = (method.clone(), start.clone());
+                tokio::spawn(async move {
+                    let body = json!({"round": round, "writer": writer}).to_string();
+                    start.wait().await;
+                    let reply = http.send(method, &path, &if_match(&tag), Some(&body)).await;
+                    (writer, reply)
+                })
+            })
+            .collect();
+        let mut winners = Vec::new();
+        let mut losers = Vec::new();
+        for racer in racers {
+            let (writer, reply) = racer.await.expect("a racer panicked");
+            if reply.status.is_success() {
+                winners.push((writer, reply));
+            } else {
+                let what = format!("round {round}: losing {method} of writer {writer}");
+                expect_status(s, &what, &reply, StatusCode::PRECONDITION_FAILED);
+                expect_problem(&what, &reply, StatusCode::PRECONDITION_FAILED);
+                losers.push((writer, etag_of(&what, &reply)));
+            }
+        }
+        let who: Vec<_> = winners.iter().map(|(w, r)| (*w, r.status)).collect();
+        assert_eq!(
+            winners.len(),
+            1,
+            "round {round} ({method}): exactly one of {ROUND_RACERS} writers with the same \
+             If-Match may succeed, these did: {who:?}"
+        );
+        let (winner, won) = &winners[0];
+        let winner_tag = etag_of(&format!("round {round}: the winning {method}"), won);
+        assert_ne!(winner_tag, tag, "round {round}: the winner got a new ETag");
+        for (writer, current) in &losers {
+            assert_eq!(
+                current, &winner_tag,
+                "round {round} ({method}): writer {writer}'s 412 names {current}, but the \
+                 winner ({winner}) made {winner_tag} current"
+            );
+        }
+        for _ in 0..http.instances() {
+            let read = http.get(&path, &[]).await;
+            expect_status(
+                s,
+                &format!("round {round}: read back"),
+                &read,
+                StatusCode::OK,
+            );
+            assert_eq!(
+                read.etag().as_deref(),
+                Some(winner_tag.as_str()),
+                "round {round}: every instance serves the winner's ETag"
+            );
+            assert_eq!(
+                read.json(),
+                json!({"round": round, "writer": winner}),
+                "round {round}: every instance serves the winner's body"
+            );
+        }
+        tag = winner_tag;
+    }
+    println!(
+        "{ROUNDS} rounds of {ROUND_RACERS} writers with one If-Match over {} instances: \
+         one winner each",
+        http.instances()
+    );
+    let deleted = http.delete(&path, &if_match(&tag)).await;
+    expect_status(s, "delete the raced item", &deleted, StatusCode::NO_CONTENT);
+}
+
+/// Starts `instances` processes of example `example` on one backend, and has
+/// [`COUNTER_CLIENTS`] clients each make [`INCREMENTS`] read-modify-write increments of
+/// one counter: `GET`, then `PUT n + 1` with `If-Match` on the next instance, again
+/// from the `GET` on a `412`. No increment may be lost: the final value equals the
+/// number of `2xx` writes.
+pub async fn run_counter_on_instances(example: &str, extra_env: &[(&str, &str)], instances: usize) {
+    let servers = ExampleInstances::start(example, extra_env, instances).await;
+    let http = HttpClient::round_robin(&servers);
+    let s = &servers;
+    let path = format!("/items/{}", unique_id("counter"));
+    let created = http
+        .put(&path, &[(header::IF_NONE_MATCH, "*")], &json!({"n": 0}))
+        .await;
+    expect_status(s, "create the counter", &created, StatusCode::CREATED);
+
+    let successes = Arc::new(AtomicUsize::new(0));
+    let refusals = Arc::new(AtomicUsize::new(0));
+    let clients: Vec<_> = (0..COUNTER_CLIENTS)
+        .map(|client| {
+            let http = http.own_rotation(client);
+            let (path, successes, refusals) = (path.clone(), successes.clone(), refusals.clone());
+            tokio::spawn(async move {
+                let mut mine = 0;
+                while mine < INCREMENTS {
+                    let read = http.get(&path, &[]).await;
+                    assert_eq!(read.status, StatusCode::OK, "client {client}: read");
+                    let tag = etag_of(&format!("client {client}: read"), &read);
+                    let n = read.json()["n"].as_u64().expect("a counter");
+                    let write = http.put(&path, &if_match(&tag), &json!({"n": n + 1})).await;
+                    match write.status {
+                        status if status.is_success() => {
+                            mine += 1;
+                            successes.fetch_add(1, Ordering::SeqCst);
+                        }
+                        StatusCode::PRECONDITION_FAILED => {
+                            refusals.fetch_add(1, Ordering::SeqCst);
+                        }
+                        other => panic!(
+                            "client {client}: PUT n = {} got {other} with body {:?}",
+                            n + 1,
+                            String::from_utf8_lossy(&write.body)
+                        ),
+                    }
+                }
+            })
+        })
+        .collect();
+    for client in clients {
+        client.await.expect("a client panicked");
+    }
+    let successes = successes.load(Ordering::SeqCst);
+    assert_eq!(successes, COUNTER_CLIENTS * INCREMENTS);
+    let last = http.get(&path, &[]).await;
+    expect_status(s, "read the counter", &last, StatusCode::OK);
+    assert_eq!(
+        last.json()["n"].as_u64(),
+        Some(successes as u64),
+        "every successful increment is counted once ({} refused attempts retried)",
+        refusals.load(Ordering::SeqCst)
+    );
+    println!(
+        "{successes} increments over {} instances, {} refused attempts retried",
+        http.instances(),
+        refusals.load(Ordering::SeqCst)
+    );
+    let tag = etag_of("read the counter", &last);
+    let deleted = http.delete(&path, &if_match(&tag)).await;
+    expect_status(s, "delete the counter", &deleted, StatusCode::NO_CONTENT);
 }
