@@ -71,7 +71,11 @@ mod version;
 #[cfg(feature = "postgres")]
 pub mod tokio_postgres;
 
-#[cfg(feature = "sqlx-postgres")]
+#[cfg(any(
+    feature = "sqlx-postgres",
+    feature = "sqlx-mysql",
+    feature = "sqlx-sqlite"
+))]
 pub mod sqlx;
 
 #[cfg(feature = "axum")]

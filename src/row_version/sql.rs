@@ -181,9 +181,19 @@ impl PgRowSql {
 }
 
 /// The column names [`PgRowSql::returning`] gives the version.
-#[cfg(any(feature = "postgres", feature = "sqlx-postgres"))]
+#[cfg(any(
+    feature = "postgres",
+    feature = "sqlx-postgres",
+    feature = "sqlx-mysql",
+    feature = "sqlx-sqlite"
+))]
 pub(crate) const VERSION_COLUMN: &str = "row_version";
-#[cfg(any(feature = "postgres", feature = "sqlx-postgres"))]
+#[cfg(any(
+    feature = "postgres",
+    feature = "sqlx-postgres",
+    feature = "sqlx-mysql",
+    feature = "sqlx-sqlite"
+))]
 pub(crate) const MODIFIED_COLUMN: &str = "row_modified_us";
 
 #[cfg(test)]

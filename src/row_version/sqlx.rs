@@ -1,5 +1,6 @@
-//! The row-version helpers for sqlx (Postgres): bind the condition in one call, and
-//! read the version back from a row.
+//! The row-version helpers for sqlx: bind the condition in one call
+//! ([`BindCondition`], for each database the features enable), and read the version back
+//! from a row ([`row_version`], any database).
 //!
 //! ```no_run
 //! use sqlx::PgPool;
@@ -30,63 +31,80 @@
 //! # Ok(()) }
 //! ```
 
-use ::sqlx::{
-    postgres::{PgArguments, PgRow, Postgres},
-    query::{Query, QueryAs, QueryScalar},
-    FromRow, Row,
-};
+use ::sqlx::{ColumnIndex, Decode, FromRow, Row, Type};
 
 use super::{
     sql::{MODIFIED_COLUMN, VERSION_COLUMN},
     RowVersion, SqlCondition,
 };
 
-/// Binds the four parameters of [`PgRowSql::condition`](super::PgRowSql::condition),
-/// in its order, onto a sqlx query.
+/// Binds the four values of a [`SqlCondition`] onto a sqlx query, in the order the
+/// database's fragments number them ([`PgRowSql::condition`](super::PgRowSql::condition)
+/// for Postgres).
 pub trait BindCondition: Sized {
     /// This query with the condition's values bound next.
     #[must_use]
     fn bind_condition(self, condition: &SqlCondition) -> Self;
 }
 
-impl<'q> BindCondition for Query<'q, Postgres, PgArguments> {
-    fn bind_condition(self, condition: &SqlCondition) -> Self {
-        self.bind(condition.if_match.clone())
-            .bind(condition.if_none_match.clone())
-            .bind(condition.unmodified_since)
-            .bind(condition.may_replace)
-    }
-}
-
-impl<'q, O> BindCondition for QueryAs<'q, Postgres, O, PgArguments> {
-    fn bind_condition(self, condition: &SqlCondition) -> Self {
-        self.bind(condition.if_match.clone())
-            .bind(condition.if_none_match.clone())
-            .bind(condition.unmodified_since)
-            .bind(condition.may_replace)
-    }
-}
-
-impl<'q, O> BindCondition for QueryScalar<'q, Postgres, O, PgArguments> {
-    fn bind_condition(self, condition: &SqlCondition) -> Self {
-        self.bind(condition.if_match.clone())
-            .bind(condition.if_none_match.clone())
-            .bind(condition.unmodified_since)
-            .bind(condition.may_replace)
-    }
-}
-
-/// The version of `row`, from the columns [`PgRowSql::returning`](super::PgRowSql::returning)
-/// names.
-pub fn row_version(row: &PgRow) -> Result<RowVersion, ::sqlx::Error> {
+/// The version of `row`, from the columns the fragments' `returning()` names
+/// (`row_version`, `row_modified_us`). Any database sqlx supports.
+pub fn row_version<R>(row: &R) -> Result<RowVersion, ::sqlx::Error>
+where
+    R: Row,
+    for<'r> i64: Decode<'r, R::Database> + Type<R::Database>,
+    for<'r> &'r str: ColumnIndex<R>,
+{
     let version: i64 = row.try_get(VERSION_COLUMN)?;
     let modified: Option<i64> = row.try_get(MODIFIED_COLUMN)?;
     Ok(RowVersion::from_columns(version, modified))
 }
 
 /// `query_as::<_, RowVersion>` for statements that return only the version.
-impl<'r> FromRow<'r, PgRow> for RowVersion {
-    fn from_row(row: &'r PgRow) -> Result<Self, ::sqlx::Error> {
+impl<'a, R> FromRow<'a, R> for RowVersion
+where
+    R: Row,
+    for<'r> i64: Decode<'r, R::Database> + Type<R::Database>,
+    for<'r> &'r str: ColumnIndex<R>,
+{
+    fn from_row(row: &'a R) -> Result<Self, ::sqlx::Error> {
         row_version(row)
+    }
+}
+
+#[cfg(feature = "sqlx-postgres")]
+mod postgres {
+    use ::sqlx::{
+        postgres::{PgArguments, Postgres},
+        query::{Query, QueryAs, QueryScalar},
+    };
+
+    use super::{BindCondition, SqlCondition};
+
+    impl<'q> BindCondition for Query<'q, Postgres, PgArguments> {
+        fn bind_condition(self, condition: &SqlCondition) -> Self {
+            self.bind(condition.if_match.clone())
+                .bind(condition.if_none_match.clone())
+                .bind(condition.unmodified_since)
+                .bind(condition.may_replace)
+        }
+    }
+
+    impl<'q, O> BindCondition for QueryAs<'q, Postgres, O, PgArguments> {
+        fn bind_condition(self, condition: &SqlCondition) -> Self {
+            self.bind(condition.if_match.clone())
+                .bind(condition.if_none_match.clone())
+                .bind(condition.unmodified_since)
+                .bind(condition.may_replace)
+        }
+    }
+
+    impl<'q, O> BindCondition for QueryScalar<'q, Postgres, O, PgArguments> {
+        fn bind_condition(self, condition: &SqlCondition) -> Self {
+            self.bind(condition.if_match.clone())
+                .bind(condition.if_none_match.clone())
+                .bind(condition.unmodified_since)
+                .bind(condition.may_replace)
+        }
     }
 }
