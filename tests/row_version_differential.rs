@@ -8,20 +8,18 @@
 //! Applied by the database if and only if `evaluate` says `Proceed`: so the SQL is
 //! exactly as strict as the RFC rules the other two modes use, no more and no less.
 
-use std::sync::{Arc, Mutex};
-
-use http::{Method, Request, Response};
+use http::Method;
 use proptest::prelude::*;
 use tokio_postgres::types::ToSql;
-use tower::{service_fn, ServiceExt};
-use tower_layer::Layer;
 use tower_precondition::{
     evaluate::{evaluate, Decision},
-    row_version::{sqlx::BindCondition, PgRowSql, RowPrecondition, RowVersion, RowVersionLayer},
+    row_version::{sqlx::BindCondition, PgRowSql, RowPrecondition, RowVersion},
     store::Version,
 };
 
 mod postgres_support;
+#[path = "common/row_condition.rs"]
+mod row_condition;
 
 const TABLE: &str = "tp_row_version_differential";
 /// The row's second: 2026-12-02T04:22:55Z.
@@ -69,33 +67,6 @@ fn date_field() -> impl Strategy<Value = Option<String>> {
         }),
         Just(Some("not a date".to_owned())),
     ]
-}
-
-/// The `RowPrecondition` the layer hands a `PUT` with `headers`.
-async fn condition(headers: &[(&str, String)]) -> RowPrecondition {
-    let seen = Arc::new(Mutex::new(None));
-    let handler = {
-        let seen = seen.clone();
-        service_fn(move |request: Request<String>| {
-            let seen = seen.clone();
-            async move {
-                *seen.lock().unwrap() = request.extensions().get::<RowPrecondition>().cloned();
-                Ok::<_, std::convert::Infallible>(Response::new(String::new()))
-            }
-        })
-    };
-    let mut request = Request::put("/t/1");
-    for (name, value) in headers {
-        request = request.header(*name, value);
-    }
-    let response = RowVersionLayer::new()
-        .layer(handler)
-        .oneshot(request.body(String::new()).unwrap())
-        .await
-        .unwrap();
-    assert_eq!(response.status(), 200, "{headers:?}");
-    let found = seen.lock().unwrap().take();
-    found.expect("the layer handed a RowPrecondition on")
 }
 
 struct Harness {
@@ -242,7 +213,7 @@ fn the_sql_condition_applies_exactly_when_the_rfc_evaluator_proceeds() {
         if let Some(value) = if_none_match { headers.push(("if-none-match", value)); }
         if let Some(value) = since { headers.push(("if-unmodified-since", value)); }
         let (applied, expected) = harness.runtime.block_on(async {
-            let c = condition(&headers).await;
+            let c = row_condition::condition(Method::PUT, &headers).await;
             let current = state.map(|(version, micros)| {
                 RowVersion::from_columns(version, Some(BASE * 1_000_000 + micros))
             });

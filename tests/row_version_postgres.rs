@@ -5,45 +5,18 @@
 //! Conditions are made the way a handler gets them: a request through
 //! `RowVersionLayer`, and the `RowPrecondition` it hands on.
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
-use http::{Method, Request, Response};
+use http::Method;
 use tokio_postgres::types::ToSql;
-use tower::{service_fn, ServiceExt};
-use tower_layer::Layer;
-use tower_precondition::row_version::{
-    sqlx::BindCondition, PgRowSql, RowPrecondition, RowVersion, RowVersionLayer,
-};
+use tower_precondition::row_version::{sqlx::BindCondition, PgRowSql, RowPrecondition, RowVersion};
 
 mod postgres_support;
+#[path = "common/row_condition.rs"]
+mod row_condition;
+use row_condition::condition;
 
 const TABLE: &str = "tp_row_version_test";
-
-/// The `RowPrecondition` the layer hands a handler for `method` with `headers`.
-async fn condition(method: Method, headers: &[(&str, &str)]) -> RowPrecondition {
-    let seen = Arc::new(Mutex::new(None));
-    let handler = {
-        let seen = seen.clone();
-        service_fn(move |request: Request<String>| {
-            let seen = seen.clone();
-            async move {
-                *seen.lock().unwrap() = request.extensions().get::<RowPrecondition>().cloned();
-                Ok::<_, std::convert::Infallible>(Response::new(String::new()))
-            }
-        })
-    };
-    let mut request = Request::builder().method(method).uri("/t/1");
-    for (name, value) in headers {
-        request = request.header(*name, *value);
-    }
-    RowVersionLayer::new()
-        .layer(handler)
-        .oneshot(request.body(String::new()).unwrap())
-        .await
-        .unwrap();
-    let found = seen.lock().unwrap().take();
-    found.expect("the layer handed a RowPrecondition on")
-}
 
 /// The statements of the test table.
 struct Sql {
@@ -331,7 +304,7 @@ async fn a_date_from_before_two_writes_in_one_second_never_passes() {
         return;
     };
     let sql = Sql::new();
-    let plain = condition(Method::PUT, &[]).await;
+    let plain = condition::<&str>(Method::PUT, &[]).await;
     for (driver, db) in drivers {
         let id = postgres_support::unique(&format!("second-{driver}"));
         let mut checked = false;
@@ -368,8 +341,8 @@ async fn versions_never_repeat_across_a_delete_and_a_re_create() {
         return;
     };
     let sql = Sql::new();
-    let plain = condition(Method::PUT, &[]).await;
-    let plain_delete = condition(Method::DELETE, &[]).await;
+    let plain = condition::<&str>(Method::PUT, &[]).await;
+    let plain_delete = condition::<&str>(Method::DELETE, &[]).await;
     for (driver, db) in drivers {
         let id = postgres_support::unique(&format!("recreate-{driver}"));
         let old = db.put(&sql, &id, "a", &plain).await.unwrap();
@@ -406,7 +379,7 @@ async fn of_writes_with_the_same_if_match_exactly_one_wins() {
         return;
     };
     let sql = Arc::new(Sql::new());
-    let plain = condition(Method::PUT, &[]).await;
+    let plain = condition::<&str>(Method::PUT, &[]).await;
     for (driver, db) in drivers {
         let id = postgres_support::unique(&format!("race-{driver}"));
         let mut current = db.put(&sql, &id, "start", &plain).await.unwrap();
