@@ -150,6 +150,7 @@
 //! | `memory` (default) | [`MemoryStore`] |
 //! | `redis` | `store::RedisStore`, shared by many processes through Redis |
 //! | `postgres` | `store::PostgresStore`, the transactional mode, and the row-version helpers for tokio-postgres (`row_version::tokio_postgres`) |
+//! | `sqlite` | `store::SqliteStore`, versions in an SQLite file shared by the processes of one host |
 //! | `sqlx-postgres` | the row-version helpers for sqlx 0.8 on Postgres (`row_version::sqlx`) |
 //! | `axum` (default) | axum's body as a request body the layer can buffer ([`BufferableBody`]), and axum extractors |
 //! | `testing` | `store::testing`, the contract suite any store can run |

@@ -87,6 +87,11 @@ pub mod postgres;
 #[cfg(feature = "postgres")]
 pub use self::postgres::PostgresStore;
 
+#[cfg(feature = "sqlite")]
+pub mod sqlite;
+#[cfg(feature = "sqlite")]
+pub use self::sqlite::SqliteStore;
+
 #[cfg(feature = "testing")]
 pub mod testing;
 
