@@ -91,7 +91,6 @@ fn fresh_item(item: impl IntoResponse) -> Response {
     ([(header::CACHE_CONTROL, "no-cache")], item).into_response()
 }
 
-
 /// A database failure in a handler: `500`, logged.
 fn database_error(error: sqlx::Error) -> Response {
     tracing::error!(%error, "items table");
@@ -133,11 +132,12 @@ async fn put_item(
         Err(error) => return invalid_json(error),
     };
     let text = value.to_string();
-    let inserted = sqlx::query("INSERT INTO items (id, body) VALUES (?1, ?2) ON CONFLICT (id) DO NOTHING")
-        .bind(&id)
-        .bind(&text)
-        .execute(&db)
-        .await;
+    let inserted =
+        sqlx::query("INSERT INTO items (id, body) VALUES (?1, ?2) ON CONFLICT (id) DO NOTHING")
+            .bind(&id)
+            .bind(&text)
+            .execute(&db)
+            .await;
     match inserted {
         Ok(done) if done.rows_affected() == 1 => return created(&id, value),
         Ok(_) => {}

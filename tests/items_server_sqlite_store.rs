@@ -1,8 +1,9 @@
 //! The `axum_sqlite_store` example, run as separate processes on one SQLite file and
 //! driven over real HTTP: three processes serve the whole `/items/{id}` contract (each
 //! request to the next process), lose no increment, and let exactly one of many writes
-//! with the same `If-Match` win; one process serves the precondition policy, alias and
-//! hidden-item contracts.
+//! with the same `If-Match` win (in store mode a loser that arrives while the winner is
+//! in flight gets `409`, the others `412` naming the winner); one process serves the
+//! precondition policy, stalled-upload, alias and hidden-item contracts.
 
 #[path = "common/items_contract.rs"]
 mod items_contract;
@@ -52,7 +53,7 @@ async fn three_processes_on_one_file_serve_the_items_contract() {
 async fn three_processes_on_one_file_let_one_same_if_match_write_win() {
     let db = DbFile::new("race");
     let url = db.url();
-    items_contract::run_same_if_match_race_on_instances(
+    items_contract::run_same_if_match_race_on_store_instances(
         "axum_sqlite_store",
         &[("DATABASE_URL", &url)],
         INSTANCES,
@@ -64,7 +65,7 @@ async fn three_processes_on_one_file_let_one_same_if_match_write_win() {
 async fn three_processes_on_one_file_lose_no_increment() {
     let db = DbFile::new("counter");
     let url = db.url();
-    items_contract::run_counter_on_instances(
+    items_contract::run_counter_on_store_instances(
         "axum_sqlite_store",
         &[("DATABASE_URL", &url)],
         INSTANCES,
@@ -81,6 +82,14 @@ async fn axum_sqlite_store_requires_preconditions_when_asked() {
         &[("DATABASE_URL", &url)],
     )
     .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn axum_sqlite_store_lets_a_valid_write_through_while_uploads_stall() {
+    let db = DbFile::new("stalled");
+    let url = db.url();
+    items_contract::run_stalled_upload_contract("axum_sqlite_store", &[("DATABASE_URL", &url)])
+        .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -174,11 +174,9 @@ async fn the_clock_never_goes_back_even_if_the_wall_clock_did() {
     let mut conn = sqlx::SqliteConnection::connect(&format!("sqlite://{}", path.display()))
         .await
         .expect("connect");
-    conn.execute(
-        format!("UPDATE tower_precondition_clock SET millis = {ahead}").as_str(),
-    )
-    .await
-    .expect("raise the mark");
+    conn.execute(format!("UPDATE tower_precondition_clock SET millis = {ahead}").as_str())
+        .await
+        .expect("raise the mark");
     for _ in 0..5 {
         assert_eq!(store.clock_millis().await.expect("clock"), ahead);
     }
@@ -275,7 +273,10 @@ async fn a_locked_file_is_a_store_timeout_after_busy_timeout_then_recovers() {
     assert_eq!(error.kind(), StoreErrorKind::Timeout, "{error}");
     assert!(waited >= BUSY - Duration::from_millis(50), "{waited:?}");
     assert!(waited < BUSY + Duration::from_secs(1), "{waited:?}");
-    let error = store.clock_millis().await.expect_err("the clock writes too");
+    let error = store
+        .clock_millis()
+        .await
+        .expect_err("the clock writes too");
     assert_eq!(error.kind(), StoreErrorKind::Timeout, "{error}");
     // Readers never wait in WAL mode.
     assert_eq!(store.load("/items/1").await.expect("load"), Some(a.clone()));

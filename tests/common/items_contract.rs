@@ -1111,6 +1111,28 @@ pub async fn run_same_if_match_race_on_instances(
     extra_env: &[(&str, &str)],
     instances: usize,
 ) {
+    same_if_match_race(example, extra_env, instances, false).await;
+}
+
+/// [`run_same_if_match_race_on_instances`] for an example in store mode
+/// ([`PreconditionLayer`](tower_precondition::PreconditionLayer)): there a loser that
+/// arrives while the winner's write is still in flight gets `409` with `Retry-After`
+/// (the winner's new version does not exist yet), instead of the `412` naming it that
+/// every other loser gets. Exactly one writer still wins each round.
+pub async fn run_same_if_match_race_on_store_instances(
+    example: &str,
+    extra_env: &[(&str, &str)],
+    instances: usize,
+) {
+    same_if_match_race(example, extra_env, instances, true).await;
+}
+
+async fn same_if_match_race(
+    example: &str,
+    extra_env: &[(&str, &str)],
+    instances: usize,
+    in_flight_conflicts: bool,
+) {
     let servers = ExampleInstances::start(example, extra_env, instances).await;
     let http = HttpClient::round_robin(&servers);
     let s = &servers;
@@ -1150,6 +1172,13 @@ pub async fn run_same_if_match_race_on_instances(
             let (writer, reply) = racer.await.expect("a racer panicked");
             if reply.status.is_success() {
                 winners.push((writer, reply));
+            } else if in_flight_conflicts && reply.status == StatusCode::CONFLICT {
+                let what = format!("round {round}: {method} of writer {writer} in flight");
+                expect_problem(&what, &reply, StatusCode::CONFLICT);
+                assert!(
+                    reply.header(header::RETRY_AFTER).is_some(),
+                    "{what}: a 409 without Retry-After"
+                );
             } else {
                 let what = format!("round {round}: losing {method} of writer {writer}");
                 expect_status(s, &what, &reply, StatusCode::PRECONDITION_FAILED);
@@ -1210,6 +1239,26 @@ pub async fn run_same_if_match_race_on_instances(
 /// from the `GET` on a `412`. No increment may be lost: the final value equals the
 /// number of `2xx` writes.
 pub async fn run_counter_on_instances(example: &str, extra_env: &[(&str, &str)], instances: usize) {
+    counter(example, extra_env, instances, false).await;
+}
+
+/// [`run_counter_on_instances`] for an example in store mode, where a write that
+/// arrives while another is in flight gets `409` with `Retry-After`: the client then
+/// retries from the `GET`, as after a `412`.
+pub async fn run_counter_on_store_instances(
+    example: &str,
+    extra_env: &[(&str, &str)],
+    instances: usize,
+) {
+    counter(example, extra_env, instances, true).await;
+}
+
+async fn counter(
+    example: &str,
+    extra_env: &[(&str, &str)],
+    instances: usize,
+    in_flight_conflicts: bool,
+) {
     let servers = ExampleInstances::start(example, extra_env, instances).await;
     let http = HttpClient::round_robin(&servers);
     let s = &servers;
@@ -1240,6 +1289,10 @@ pub async fn run_counter_on_instances(example: &str, extra_env: &[(&str, &str)],
                         }
                         StatusCode::PRECONDITION_FAILED => {
                             refusals.fetch_add(1, Ordering::SeqCst);
+                        }
+                        StatusCode::CONFLICT if in_flight_conflicts => {
+                            refusals.fetch_add(1, Ordering::SeqCst);
+                            tokio::time::sleep(Duration::from_millis(5)).await;
                         }
                         other => panic!(
                             "client {client}: PUT n = {} got {other} with body {:?}",
