@@ -294,6 +294,58 @@ async fn a_locked_file_is_a_store_timeout_after_busy_timeout_then_recovers() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_its_caller_abandoned_on_a_locked_file_never_lands() {
+    let dir = TempDir::new("abandoned");
+    let path = dir.file("versions.db");
+    let store = store_with_short_busy_timeout(&path).await;
+    let a = committed("a");
+    let b = committed("b");
+    let c = committed("c");
+    store
+        .compare_and_set("/items/1", None, Some(&a))
+        .await
+        .expect("cas");
+    let mut lock = lock_file(&path).await;
+    // The caller gives up (as the layer's store timeout does) while the call waits for
+    // the write lock.
+    let abandoned = tokio::time::timeout(
+        BUSY / 3,
+        store.compare_and_set("/items/1", Some(&a), Some(&b)),
+    )
+    .await;
+    assert!(
+        abandoned.is_err(),
+        "the call was still waiting: {abandoned:?}"
+    );
+    lock.execute("ROLLBACK").await.expect("release");
+    tokio::time::sleep(BUSY).await;
+    assert_eq!(
+        store.load("/items/1").await.expect("load"),
+        Some(a.clone()),
+        "an abandoned compare-and-set must not land once the lock is free"
+    );
+    assert_eq!(
+        store
+            .compare_and_set("/items/1", Some(&a), Some(&c))
+            .await
+            .expect("cas"),
+        CasOutcome::Applied,
+        "the connection it used is clean again"
+    );
+    for i in 0..(2 * 8) {
+        // Every pooled connection is usable (none left inside a transaction).
+        let key = format!("/items/other-{i}");
+        assert_eq!(
+            store
+                .compare_and_set(&key, None, Some(&committed("x")))
+                .await
+                .expect("cas"),
+            CasOutcome::Applied
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn through_the_layer_a_locked_file_is_503_never_2xx_then_recovers() {
     let dir = TempDir::new("layer");
     let path = dir.file("versions.db");
