@@ -163,13 +163,13 @@ async fn versions_and_the_clock_survive_a_reopen() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_clock_never_goes_back_even_if_the_wall_clock_did() {
+async fn after_the_wall_clock_steps_back_the_clock_neither_goes_back_nor_stands_still() {
     let dir = TempDir::new("clock");
     let path = dir.file("versions.db");
     let store = migrated(&path).await;
     let now = store.clock_millis().await.expect("clock");
-    // Another process read the clock while the wall clock was an hour ahead (then it
-    // stepped back): the high-water mark it left holds the clock.
+    // The clock read an hour later than the wall clock reads now: as if the wall clock
+    // had just stepped back an hour.
     let ahead = now + 3_600_000;
     let mut conn = sqlx::SqliteConnection::connect(&format!("sqlite://{}", path.display()))
         .await
@@ -177,9 +177,28 @@ async fn the_clock_never_goes_back_even_if_the_wall_clock_did() {
     conn.execute(format!("UPDATE tower_precondition_clock SET millis = {ahead}").as_str())
         .await
         .expect("raise the mark");
+    let first = store.clock_millis().await.expect("clock");
+    assert!(
+        (ahead..ahead + 1000).contains(&first),
+        "the clock must not go back: {first} after {ahead}"
+    );
+    let mut last = first;
     for _ in 0..5 {
-        assert_eq!(store.clock_millis().await.expect("clock"), ahead);
+        let reading = store.clock_millis().await.expect("clock");
+        assert!(reading >= last, "{reading} after {last}");
+        last = reading;
     }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let later = store.clock_millis().await.expect("clock");
+    assert!(
+        later >= first + 90,
+        "the clock must go on at the wall clock's rate, not stand still: {first} then \
+         {later} after 100 ms"
+    );
+    // The correction is kept in the file: another process, or a restart, reads on.
+    store.pool().close().await;
+    let reopened = SqliteStore::open(&path).await.expect("reopen");
+    assert!(reopened.clock_millis().await.expect("clock") >= later);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -77,23 +77,37 @@
 //! and every process on the file must read the same clock, which must never go back.
 //! There is no server whose clock the processes could share, so the store uses the
 //! host's wall clock (the same for every process on the host, and WAL already requires
-//! them to be on one host) with a **high-water mark persisted in the file**: each
-//! reading is
+//! them to be on one host), corrected by an offset and held by a high-water mark, both
+//! **persisted in the file**. Each reading is one statement under the write lock:
 //!
 //! ```sql
-//! INSERT INTO tower_precondition_clock (id, millis) VALUES (0, $wall_clock_ms)
-//! ON CONFLICT (id) DO UPDATE SET millis = max(millis, excluded.millis)
+//! INSERT INTO tower_precondition_clock (id, millis, offset_ms) VALUES (0, $wall_ms, 0)
+//! ON CONFLICT (id) DO UPDATE SET
+//!     offset_ms = offset_ms + max(0, millis - ($wall_ms + offset_ms)),
+//!     millis    = max(millis, $wall_ms + offset_ms)
 //! RETURNING millis
 //! ```
 //!
-//! one statement under the write lock, so every reading, by any process, is at least
-//! every reading before it, across processes and restarts. If the wall clock steps back,
-//! the store's clock stands still until the wall clock has caught up: leases last
-//! longer, never shorter (a lease holder extrapolates the store's clock at the rate of
-//! its own monotonic clock, `src/clock.rs`, and so believes its deadline to be earlier
-//! than it is). A wall clock that jumps *forward* makes live leases look older, as it
-//! would for the Postgres or Redis stores (whose clocks are their servers' wall
-//! clocks): keep the host's time synchronised by slewing, not stepping.
+//! (the right-hand sides read the row as it was before the update). A reading is
+//! `wall + offset`, never less than the reading before it, by any process, across
+//! processes and restarts. When the wall clock has stepped back, the first reading
+//! after the step finds `wall + offset` below the mark: it answers the mark and raises
+//! the offset by the difference, so the readings after it advance again at the wall
+//! clock's rate from there, instead of standing still until the wall clock has caught
+//! up. That matters because the layer extrapolates the store's clock between readings
+//! at the rate of the process's own monotonic clock (and keeps an older sample whose
+//! extrapolation is ahead of a new reading): a clock that stood still would let a
+//! process that sampled it before the step run ahead of one that sampled it after, by
+//! up to the size of the step. With the offset, the store's clock falls behind real
+//! time only by the time between the last reading before the step and the first one
+//! after (the layer reads about once a second per process). Leases then last longer
+//! for a process that sampled after the step, and up to that gap shorter for one whose
+//! sample predates it.
+//!
+//! A wall clock that jumps *forward* makes live leases look older, as it would for the
+//! Postgres or Redis stores (whose clocks are their servers' wall clocks): a jump cannot
+//! be told apart from a time with no readings. Keep the host's time synchronised by
+//! slewing, not stepping.
 //!
 //! The local monotonic clock would be immune to steps, but it is not sound here: the
 //! standard library's `Instant` is opaque and has no origin that another process can
@@ -128,8 +142,9 @@
 //!     CHECK (etag IS NOT NULL OR lease_token IS NOT NULL)
 //! ) STRICT;
 //! CREATE TABLE IF NOT EXISTS tower_precondition_clock (
-//!     id     INTEGER PRIMARY KEY,
-//!     millis INTEGER NOT NULL
+//!     id        INTEGER PRIMARY KEY,
+//!     millis    INTEGER NOT NULL,           -- the latest reading (the high-water mark)
+//!     offset_ms INTEGER NOT NULL DEFAULT 0  -- added to the wall clock
 //! ) STRICT;
 //! ```
 //!
@@ -523,13 +538,16 @@ impl Sql {
                  ) STRICT;\n\
                  CREATE TABLE IF NOT EXISTS {c} (\n    \
                  id INTEGER PRIMARY KEY,\n    \
-                 millis INTEGER NOT NULL\n\
+                 millis INTEGER NOT NULL,\n    \
+                 offset_ms INTEGER NOT NULL DEFAULT 0\n\
                  ) STRICT;\n"
             ),
             load: format!("SELECT {ENTRY_COLUMNS} FROM {t} WHERE resource_key = ?1"),
             clock: format!(
-                "INSERT INTO {c} (id, millis) VALUES (0, ?1) \
-                 ON CONFLICT (id) DO UPDATE SET millis = max(millis, excluded.millis) \
+                "INSERT INTO {c} (id, millis, offset_ms) VALUES (0, ?1, 0) \
+                 ON CONFLICT (id) DO UPDATE SET \
+                 offset_ms = offset_ms + max(0, millis - (?1 + offset_ms)), \
+                 millis = max(millis, ?1 + offset_ms) \
                  RETURNING millis"
             ),
             create: format!(

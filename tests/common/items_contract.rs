@@ -1,6 +1,6 @@
 //! A black-box driver for the `/items/{id}` contract that every backend's server example
-//! (`axum_memory`, `axum_redis`, `axum_postgres`, `axum_sqlx`, `axum_tokio_postgres`)
-//! serves.
+//! (`axum_memory`, `axum_redis`, `axum_postgres`, `axum_sqlx`, `axum_tokio_postgres`,
+//! `axum_sqlite_store`) serves.
 //!
 //! It starts the compiled example as a separate process on a free port, waits until the
 //! port answers, and drives it over real HTTP/1.1 connections. It assumes nothing
