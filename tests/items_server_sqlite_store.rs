@@ -3,7 +3,8 @@
 //! request to the next process), lose no increment, and let exactly one of many writes
 //! with the same `If-Match` win (in store mode a loser that arrives while the winner is
 //! in flight gets `409`, the others `412` naming the winner); one process serves the
-//! precondition policy, stalled-upload, alias and hidden-item contracts.
+//! precondition policy, stalled-upload, alias and hidden-item contracts; an item and
+//! its version survive a restart of the process.
 
 #[path = "common/items_contract.rs"]
 mod items_contract;
@@ -105,4 +106,44 @@ async fn axum_sqlite_store_hides_a_private_item_from_preconditions() {
     let url = db.url();
     items_contract::run_hidden_resource_contract("axum_sqlite_store", &[("DATABASE_URL", &url)])
         .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_item_and_its_version_survive_a_restart() {
+    use http::{header, StatusCode};
+    use serde_json::json;
+
+    let db = DbFile::new("restart");
+    let url = db.url();
+    let env = [("DATABASE_URL", url.as_str())];
+    let path = format!("/items/{}", items_contract::unique_id("restart"));
+    let tag = {
+        let server = items_contract::ExampleServer::start("axum_sqlite_store", &env).await;
+        let http = items_contract::HttpClient::for_server(&server);
+        let created = http.put(&path, &[], &json!({"n": 1})).await;
+        assert_eq!(created.status, StatusCode::CREATED);
+        created.etag().expect("an ETag")
+    };
+    // The first process is gone; a new one on the same file knows the item's version.
+    let server = items_contract::ExampleServer::start("axum_sqlite_store", &env).await;
+    let http = items_contract::HttpClient::for_server(&server);
+    let read = http.get(&path, &[]).await;
+    assert_eq!(read.status, StatusCode::OK);
+    assert_eq!(
+        read.etag().as_deref(),
+        Some(tag.as_str()),
+        "the same version"
+    );
+    let revalidated = http
+        .get(&path, &[(header::IF_NONE_MATCH, tag.as_str())])
+        .await;
+    assert_eq!(revalidated.status, StatusCode::NOT_MODIFIED);
+    let write = http
+        .put(&path, &[(header::IF_MATCH, tag.as_str())], &json!({"n": 2}))
+        .await;
+    assert_eq!(write.status, StatusCode::OK);
+    let stale = http
+        .put(&path, &[(header::IF_MATCH, tag.as_str())], &json!({"n": 3}))
+        .await;
+    assert_eq!(stale.status, StatusCode::PRECONDITION_FAILED);
 }
