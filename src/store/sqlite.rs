@@ -39,11 +39,12 @@
 //! [`connect_with`](SqliteStore::connect_with) is given another), then fails with
 //! `SQLITE_BUSY`: the store answers a [timeout](super::StoreErrorKind::Timeout), and the
 //! layer answers `503` with `Retry-After`. The default is below the layer's own store
-//! timeout (2 s), so the store gives up first. SQLite's busy handler is not fair (it
-//! polls with growing sleeps, and one waiter can lose every time), so the writes of one
-//! store queue in order in the process first, up to `busy_timeout` too: only one
-//! connection per process contends for the file's lock. Any other failure (I/O, a full disk, a
-//! file that is not a database, a missing table) is an
+//! timeout (2 s), so the store usually gives up first (a call the layer abandons anyway
+//! is rolled back, see below). SQLite's busy handler is not fair (it polls with growing
+//! sleeps, and one waiter can lose every time), so the writes of one store first queue
+//! in order within the process, up to `busy_timeout` too: only one connection per
+//! process contends for the file's lock. Any other failure (I/O, a full disk, a file
+//! that is not a database, a missing table) is an
 //! [unavailable](super::StoreErrorKind::Unavailable) store: `503` too.
 //!
 //! # Why each step is atomic
