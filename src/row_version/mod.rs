@@ -78,6 +78,9 @@ pub mod tokio_postgres;
 ))]
 pub mod sqlx;
 
+#[cfg(feature = "sqlx-sqlite")]
+mod sqlite;
+
 #[cfg(feature = "axum")]
 pub use self::condition::MissingRowPrecondition;
 pub use self::{
@@ -88,3 +91,6 @@ pub use self::{
     sql::PgRowSql,
     version::RowVersion,
 };
+
+#[cfg(feature = "sqlx-sqlite")]
+pub use self::sqlite::SqliteRowSql;
