@@ -40,7 +40,8 @@ use super::{
 
 /// Binds the four values of a [`SqlCondition`] onto a sqlx query, in the order the
 /// database's fragments number them ([`PgRowSql::condition`](super::PgRowSql::condition)
-/// for Postgres).
+/// for Postgres, `SqliteRowSql::condition` for SQLite, where each version list is bound
+/// as one JSON array).
 pub trait BindCondition: Sized {
     /// This query with the condition's values bound next.
     #[must_use]
