@@ -259,13 +259,16 @@ async fn put_item(
     } else {
         &app.sql.update
     };
+    // `fetch_all`, not `fetch_optional`: it runs the statement to its end, so a
+    // failed commit is an error here, never a row (see `SqliteRowSql`'s docs).
     let written = sqlx::query(statement)
         .bind(&id)
         .bind(value.to_string())
         .bind(&caller)
         .bind_condition(&condition.sql())
-        .fetch_optional(&app.pool)
-        .await;
+        .fetch_all(&app.pool)
+        .await
+        .map(|rows| rows.into_iter().next());
     let row = match written {
         Ok(Some(row)) => row,
         Ok(None) => return refused(&app, &condition, &id, caller.as_deref()).await,
@@ -335,8 +338,11 @@ async fn patch_item(
         let row = sqlx::query(&app.sql.write)
             .bind(&id)
             .bind(item.to_string())
-            .fetch_one(&mut *tx)
-            .await?;
+            .fetch_all(&mut *tx)
+            .await?
+            .into_iter()
+            .next()
+            .ok_or(sqlx::Error::RowNotFound)?;
         let version = row_version(&row)?;
         tx.commit().await?;
         Ok((version, Json(item)).into_response())
@@ -366,8 +372,9 @@ async fn delete_item(
         .bind(&id)
         .bind(&caller)
         .bind_condition(&condition.sql())
-        .fetch_optional(&app.pool)
-        .await;
+        .fetch_all(&app.pool)
+        .await
+        .map(|rows| rows.into_iter().next());
     match deleted {
         Ok(Some(_)) => StatusCode::NO_CONTENT.into_response(),
         Ok(None) => refused(&app, &condition, &id, caller.as_deref()).await,

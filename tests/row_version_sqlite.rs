@@ -146,8 +146,9 @@ impl Sql {
             .bind(id)
             .bind(body)
             .bind_condition(&c.sql())
-            .fetch_optional(pool)
+            .fetch_all(pool)
             .await
+            .map(|rows| rows.into_iter().next())
             .expect("write")
             .map(|row| row_version(&row).unwrap())
     }
@@ -156,8 +157,9 @@ impl Sql {
         sqlx::query_as::<_, RowVersion>(&self.delete)
             .bind(id)
             .bind_condition(&c.sql())
-            .fetch_optional(pool)
+            .fetch_all(pool)
             .await
+            .map(|rows| rows.into_iter().next())
             .expect("delete")
     }
 
@@ -543,4 +545,52 @@ fn the_sql_condition_applies_exactly_when_the_rfc_evaluator_proceeds() {
         })?;
         prop_assert_eq!(applied, expected, "state {:?}, headers {:?}", state, headers);
     });
+}
+
+/// Why the writes run with `fetch_all`: a commit that fails (here a deferred foreign
+/// key, checked when the autocommit statement finishes) is an error through
+/// `fetch_all`, while sqlx 0.8's `fetch_optional` stops at the first row and drops the
+/// error of the reset that commits (or, here, rolls back) the statement.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_commit_is_an_error_through_fetch_all() {
+    let pool = pool("commit", 1).await;
+    sqlx::raw_sql(
+        "PRAGMA foreign_keys = ON; \
+         CREATE TABLE parents (id INTEGER PRIMARY KEY); \
+         CREATE TABLE children (id INTEGER PRIMARY KEY, parent INTEGER \
+         REFERENCES parents (id) DEFERRABLE INITIALLY DEFERRED);",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    let insert = "INSERT INTO children (id, parent) VALUES (?1, 99) RETURNING id";
+    let stored = |id: i64| {
+        let pool = pool.clone();
+        async move {
+            sqlx::query_scalar::<_, i64>("SELECT count(*) FROM children WHERE id = ?1")
+                .bind(id)
+                .fetch_one(&pool)
+                .await
+                .unwrap()
+        }
+    };
+
+    let all = sqlx::query_scalar::<_, i64>(insert)
+        .bind(1)
+        .fetch_all(&pool)
+        .await;
+    assert!(all.is_err(), "fetch_all reports the failed commit: {all:?}");
+    assert_eq!(stored(1).await, 0);
+
+    match sqlx::query_scalar::<_, i64>(insert)
+        .bind(2)
+        .fetch_optional(&pool)
+        .await
+    {
+        Ok(row) => {
+            assert_eq!(stored(2).await, 0, "the write was rolled back");
+            println!("fetch_optional returned {row:?} for a write that was rolled back");
+        }
+        Err(error) => println!("fetch_optional reported the failed commit too: {error}"),
+    }
 }

@@ -176,8 +176,9 @@ async fn put_row_version(
         .bind(&id)
         .bind(body)
         .bind_condition(&condition.sql())
-        .fetch_optional(&state.pool)
-        .await;
+        .fetch_all(&state.pool)
+        .await
+        .map(|rows| rows.into_iter().next());
     match written {
         Ok(Some(row)) => match row_version(&row) {
             Ok(version) => (StatusCode::NO_CONTENT, version, ()).into_response(),
@@ -248,8 +249,9 @@ async fn put_hand_one_statement(
         .bind(&id)
         .bind(body)
         .bind(expected)
-        .fetch_optional(&state.pool)
-        .await;
+        .fetch_all(&state.pool)
+        .await
+        .map(|rows| rows.into_iter().next());
     match written {
         Ok(Some(next)) => (StatusCode::NO_CONTENT, tag_of(next)).into_response(),
         Ok(None) => {

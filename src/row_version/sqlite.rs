@@ -58,8 +58,9 @@ use super::{sqlx::BindCondition, SqlCondition};
 ///             .bind("a")
 ///             .bind(request.body().as_str())
 ///             .bind_condition(&condition.sql())
-///             .fetch_optional(&pool)
-///             .await?;
+///             .fetch_all(&pool) // not fetch_optional: see "Run writes to completion"
+///             .await?
+///             .pop();
 ///         let response = match row {
 ///             Some(row) => {
 ///                 let mut response = http::Response::new(String::from("saved"));
@@ -129,6 +130,18 @@ use super::{sqlx::BindCondition, SqlCondition};
 ///   once with `SQLITE_BUSY` (the busy timeout cannot help, its snapshot is stale).
 ///   There is no `SELECT ... FOR UPDATE`: the `IMMEDIATE` transaction holds the whole
 ///   database's write lock, which is stronger.
+///
+/// # Run writes to completion: `fetch_all`, not `fetch_optional`
+///
+/// A write with `RETURNING` outside a transaction commits when SQLite's statement
+/// finishes. sqlx 0.8's SQLite driver stops a `fetch_optional` or `fetch_one` at the
+/// first row and resets the statement, which commits it, but it drops the error the
+/// reset returns: a commit that failed (a deferred foreign key, a full disk, an I/O
+/// error) comes back as the row, and the handler would answer `2xx` for a write that
+/// was rolled back (`tests/row_version_sqlite.rs` shows it). Run
+/// the one-row writes with `fetch_all` (or `execute`), which steps the statement to
+/// its end and reports the commit's error. (Inside a transaction the commit is
+/// `commit()`, which reports it.)
 ///
 /// # What it needs from SQLite
 ///
