@@ -439,12 +439,30 @@ async fn main() -> Result<(), Box<dyn Error>> {
         .create_if_missing(true)
         .journal_mode(SqliteJournalMode::Wal)
         .busy_timeout(busy_timeout);
-    let pool = SqlitePoolOptions::new()
-        .max_connections(8)
-        .acquire_timeout(busy_timeout + Duration::from_secs(5))
-        .connect_with(options)
-        .await?;
-    migrate(&pool).await?;
+    // Processes that start at once on a new file can find it locked while another
+    // one switches it to WAL (that lock is not waited for): try again a few times.
+    let mut attempt = 0;
+    let pool = loop {
+        let opened = async {
+            let pool = SqlitePoolOptions::new()
+                .max_connections(8)
+                .acquire_timeout(busy_timeout + Duration::from_secs(5))
+                .connect_with(options.clone())
+                .await?;
+            migrate(&pool).await?;
+            Ok::<_, sqlx::Error>(pool)
+        }
+        .await;
+        match opened {
+            Ok(pool) => break pool,
+            Err(error) if attempt < 20 && unavailable(&error) => {
+                attempt += 1;
+                tracing::warn!(%error, attempt, "database busy at startup, retrying");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(error) => return Err(error.into()),
+        }
+    };
 
     let listener = tokio::net::TcpListener::bind(&addr).await?;
     println!("listening on http://{}", listener.local_addr()?);

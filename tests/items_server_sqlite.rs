@@ -191,3 +191,26 @@ async fn axum_sqlite_answers_503_while_another_process_holds_the_write_lock() {
     );
     other.close().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn axum_sqlite_processes_started_at_once_on_a_new_file_all_serve() {
+    let (_, url) = database("startup");
+    let env = [("DATABASE_URL", url.as_str())];
+    // Built first, so that the three start together.
+    items_contract::example_binary("axum_sqlite");
+    let (a, b, c) = tokio::join!(
+        ExampleServer::start("axum_sqlite", &env),
+        ExampleServer::start("axum_sqlite", &env),
+        ExampleServer::start("axum_sqlite", &env),
+    );
+    let item = "/items/startup";
+    let created = HttpClient::for_server(&a)
+        .put(item, &[(header::IF_NONE_MATCH, "*")], &json!({"n": 1}))
+        .await;
+    assert_eq!(created.status, StatusCode::CREATED);
+    for server in [&b, &c] {
+        let read = HttpClient::for_server(server).get(item, &[]).await;
+        assert_eq!(read.status, StatusCode::OK);
+        assert_eq!(read.etag(), created.etag());
+    }
+}
