@@ -2,7 +2,10 @@
 //! ([`BindCondition`], for each database the features enable), and read the version back
 //! from a row ([`row_version`], any database).
 //!
-//! ```no_run
+//! For Postgres (for SQLite, see `SqliteRowSql`):
+//!
+#![cfg_attr(feature = "sqlx-postgres", doc = "```no_run")]
+#![cfg_attr(not(feature = "sqlx-postgres"), doc = "```ignore")]
 //! use sqlx::PgPool;
 //! use tower_precondition::row_version::{
 //!     sqlx::{row_version, BindCondition},
