@@ -60,6 +60,16 @@
 //! the `ETag` is strong: [`PgRowSql`] draws versions from one shared sequence. Its
 //! docs list the other columns (`bigint` counters, `updated_at`, `uuid`) and what each
 //! costs.
+//!
+//! # SQLite
+//!
+//! With the feature `sqlx-sqlite`, `SqliteRowSql` gives the same fragments for SQLite
+//! (numbered `?NNN` parameters, the version lists bound as JSON arrays, the
+//! modification time as integer microseconds). SQLite has no sequences: versions come
+//! from a counter row per table that two triggers keep at the highest version the
+//! table ever held, inside each write statement. SQLite writes one transaction at a
+//! time, so a read-then-write handler begins with `BEGIN IMMEDIATE` instead of
+//! `SELECT ... FOR UPDATE`; its docs say why, and what a busy database answers.
 
 mod condition;
 mod future;
@@ -78,6 +88,9 @@ pub mod tokio_postgres;
 ))]
 pub mod sqlx;
 
+#[cfg(feature = "sqlx-sqlite")]
+mod sqlite;
+
 #[cfg(feature = "axum")]
 pub use self::condition::MissingRowPrecondition;
 pub use self::{
@@ -88,3 +101,6 @@ pub use self::{
     sql::PgRowSql,
     version::RowVersion,
 };
+
+#[cfg(feature = "sqlx-sqlite")]
+pub use self::sqlite::SqliteRowSql;

@@ -2,7 +2,10 @@
 //! ([`BindCondition`], for each database the features enable), and read the version back
 //! from a row ([`row_version`], any database).
 //!
-//! ```no_run
+//! For Postgres (for SQLite, see `SqliteRowSql`):
+//!
+#![cfg_attr(feature = "sqlx-postgres", doc = "```no_run")]
+#![cfg_attr(not(feature = "sqlx-postgres"), doc = "```ignore")]
 //! use sqlx::PgPool;
 //! use tower_precondition::row_version::{
 //!     sqlx::{row_version, BindCondition},
@@ -40,7 +43,8 @@ use super::{
 
 /// Binds the four values of a [`SqlCondition`] onto a sqlx query, in the order the
 /// database's fragments number them ([`PgRowSql::condition`](super::PgRowSql::condition)
-/// for Postgres).
+/// for Postgres, `SqliteRowSql::condition` for SQLite, where each version list is bound
+/// as one JSON array).
 pub trait BindCondition: Sized {
     /// This query with the condition's values bound next.
     #[must_use]
