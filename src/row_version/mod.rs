@@ -13,7 +13,7 @@
 //! and `428` with the same problem+json bodies. It keeps no version and takes no
 //! lease. The handler gets a [`RowPrecondition`], binds it into its statement with the
 //! [`PgRowSql`] fragments (and `bind_condition` for sqlx or `SqlCondition::params` for
-//! tokio-postgres), and reports what the database said: the new [`RowVersion`] with
+//! tokio-postgres; `MySqlRowSql` for MariaDB, feature `sqlx-mysql`), and reports what the database said: the new [`RowVersion`] with
 //! its `2xx`, or [`NotApplied`] with the row's current version, which the layer turns
 //! into `412` with the current `ETag` and `Last-Modified`. Reads return their row's
 //! version with the body read in the same statement, so a read's `ETag` always
@@ -64,6 +64,8 @@
 mod condition;
 mod future;
 mod layer;
+#[cfg(feature = "sqlx-mysql")]
+mod mysql;
 mod service;
 mod sql;
 mod version;
@@ -80,6 +82,8 @@ pub mod sqlx;
 
 #[cfg(feature = "axum")]
 pub use self::condition::MissingRowPrecondition;
+#[cfg(feature = "sqlx-mysql")]
+pub use self::mysql::{MySqlRowSql, MySqlWritten};
 pub use self::{
     condition::{NotApplied, RowPrecondition, SqlCondition},
     future::RowVersionFuture,
