@@ -92,7 +92,10 @@ impl Statements {
                 "SELECT body, {owner} AS owner, {returning} FROM {ITEMS} WHERE id = ? FOR UPDATE"
             ),
             // Binds: body, id.
-            write: format!("UPDATE {ITEMS} SET body = ?, {} WHERE id = ?", v.assignments()),
+            write: format!(
+                "UPDATE {ITEMS} SET body = ?, {} WHERE id = ?",
+                v.assignments()
+            ),
             v,
         }
     }
@@ -135,7 +138,9 @@ fn unreachable(error: &sqlx::Error) -> bool {
         | sqlx::Error::WorkerCrashed => true,
         // Server shutdown in progress, connection killed, server gone or lost.
         sqlx::Error::Database(e) => {
-            let code = e.try_downcast_ref::<sqlx::mysql::MySqlDatabaseError>().map(|e| e.number());
+            let code = e
+                .try_downcast_ref::<sqlx::mysql::MySqlDatabaseError>()
+                .map(|e| e.number());
             matches!(code, Some(1053 | 1927 | 2006 | 2013))
         }
         _ => false,
@@ -146,7 +151,11 @@ fn database_error(error: sqlx::Error) -> Response {
     if unreachable(&error) {
         tracing::warn!(%error, "database unavailable");
         let detail = "the database cannot be reached; nothing was changed, retry shortly";
-        let mut response = problem(StatusCode::SERVICE_UNAVAILABLE, "Database unavailable", detail);
+        let mut response = problem(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "Database unavailable",
+            detail,
+        );
         response
             .headers_mut()
             .insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
@@ -248,9 +257,13 @@ async fn put_item(
     let caller = caller(&headers);
     let upsert = condition.may_create();
     let query = if upsert {
-        sqlx::query(&app.sql.upsert).bind(&id).bind(value.to_string())
+        sqlx::query(&app.sql.upsert)
+            .bind(&id)
+            .bind(value.to_string())
     } else {
-        sqlx::query(&app.sql.update).bind(value.to_string()).bind(&id)
+        sqlx::query(&app.sql.update)
+            .bind(value.to_string())
+            .bind(&id)
     };
     let query = query.bind(&caller).bind_condition(&condition.sql());
     let written = async {

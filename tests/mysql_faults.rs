@@ -48,13 +48,15 @@ struct TempMariaDb {
 
 impl TempMariaDb {
     fn start() -> Option<Self> {
-        let found = ["mariadb-install-db", "mariadbd", "mariadb"].iter().all(|bin| {
-            Command::new("sh")
-                .args(["-c", &format!("command -v {bin}")])
-                .stdout(Stdio::null())
-                .status()
-                .is_ok_and(|s| s.success())
-        });
+        let found = ["mariadb-install-db", "mariadbd", "mariadb"]
+            .iter()
+            .all(|bin| {
+                Command::new("sh")
+                    .args(["-c", &format!("command -v {bin}")])
+                    .stdout(Stdio::null())
+                    .status()
+                    .is_ok_and(|s| s.success())
+            });
         if !found {
             assert!(!ci(), "CI=true but the MariaDB server binaries are missing");
             eprintln!("skipped: no MariaDB server binaries (mariadb-install-db, mariadbd)");
@@ -108,7 +110,10 @@ impl TempMariaDb {
             .arg(format!("--datadir={}", self.dir.join("data").display()))
             .arg(format!("--port={}", self.port))
             .arg(format!("--socket={}", self.dir.join("sock").display()))
-            .arg(format!("--log-error={}", self.dir.join("error.log").display()))
+            .arg(format!(
+                "--log-error={}",
+                self.dir.join("error.log").display()
+            ))
             .args([
                 "--bind-address=127.0.0.1",
                 "--skip-grant-tables",
@@ -133,7 +138,10 @@ impl TempMariaDb {
             if ping.success() {
                 return;
             }
-            assert!(Instant::now() < deadline, "the private MariaDB did not start");
+            assert!(
+                Instant::now() < deadline,
+                "the private MariaDB did not start"
+            );
             std::thread::sleep(Duration::from_millis(200));
         }
     }
@@ -160,7 +168,11 @@ fn assert_unavailable(reply: &Reply, what: &str) {
         StatusCode::SERVICE_UNAVAILABLE,
         "{what} while the database is down: {reply:?}"
     );
-    assert_eq!(reply.header(header::RETRY_AFTER).as_deref(), Some("1"), "{what}");
+    assert_eq!(
+        reply.header(header::RETRY_AFTER).as_deref(),
+        Some("1"),
+        "{what}"
+    );
     assert!(reply.is_problem_json(), "{what}: a problem+json body");
     assert!(reply.etag().is_none(), "{what}: no validators");
 }
@@ -190,7 +202,9 @@ async fn writes_get_503_while_mariadb_is_down_and_recover_after() {
         let body = json!({ "n": 100 + n });
         let put = client.put(path, &[], &body).await;
         assert_unavailable(&put, "an unconditional PUT");
-        let conditional = client.put(path, &[(header::IF_MATCH, &before)], &body).await;
+        let conditional = client
+            .put(path, &[(header::IF_MATCH, &before)], &body)
+            .await;
         assert_unavailable(&conditional, "a conditional PUT");
         let patch = client
             .patch(path, &[(header::IF_MATCH, &before)], "{\"m\":1}")
@@ -207,7 +221,9 @@ async fn writes_get_503_while_mariadb_is_down_and_recover_after() {
     // answer 503, never a 2xx that did not happen.
     let deadline = Instant::now() + Duration::from_secs(30);
     let recovered = loop {
-        let reply = client.put(path, &[(header::IF_MATCH, &before)], &json!({"n": 2})).await;
+        let reply = client
+            .put(path, &[(header::IF_MATCH, &before)], &json!({"n": 2}))
+            .await;
         match reply.status {
             StatusCode::OK => break reply,
             StatusCode::SERVICE_UNAVAILABLE => {}
@@ -224,12 +240,17 @@ async fn writes_get_503_while_mariadb_is_down_and_recover_after() {
     assert_eq!(read.status, StatusCode::OK);
     assert_eq!(read.json(), json!({"n": 2}));
     assert_eq!(read.etag().as_deref(), Some(after.as_str()));
-    let stale = client.put(path, &[(header::IF_MATCH, &before)], &json!({"n": 3})).await;
+    let stale = client
+        .put(path, &[(header::IF_MATCH, &before)], &json!({"n": 3}))
+        .await;
     assert_eq!(stale.status, StatusCode::PRECONDITION_FAILED);
     let deleted = client.delete(path, &[(header::IF_MATCH, &after)]).await;
     assert_eq!(deleted.status, StatusCode::NO_CONTENT);
     let again = client.put(path, &[], &json!({"n": 4})).await;
     assert_eq!(again.status, StatusCode::CREATED);
     let again = again.etag().unwrap();
-    assert!(again != before && again != after, "a version repeated after a re-create");
+    assert!(
+        again != before && again != after,
+        "a version repeated after a re-create"
+    );
 }

@@ -234,7 +234,10 @@ async fn every_form_of_precondition_in_one_statement() {
     let (v4, _) = put(vec![("if-match", gzip)], "d").await;
     let (v4, _) = v4.expect("If-Match with an encoded representation's tag");
     let weak = format!("W/{}", tag(&v4));
-    assert!(put(vec![("if-match", weak)], "e").await.0.is_none(), "weak If-Match");
+    assert!(
+        put(vec![("if-match", weak)], "e").await.0.is_none(),
+        "weak If-Match"
+    );
     let foreign = put(vec![("if-match", "\"x\"".into())], "e").await;
     assert!(foreign.0.is_none(), "a foreign If-Match (an empty list)");
     let (v5, _) = put(vec![("if-match", "*".into())], "e").await;
@@ -341,10 +344,16 @@ async fn versions_never_repeat_across_a_delete_and_a_re_create() {
         assert!(delete(&pool, &sql, &id, &current).await);
         // Deleting a missing row unconditionally: no row, and the handler's 404.
         assert!(!delete(&pool, &sql, &id, &plain_delete).await);
-        assert!(plain_delete.not_applied(read(&pool, &sql, &id).await).is_none());
+        assert!(plain_delete
+            .not_applied(read(&pool, &sql, &id).await)
+            .is_none());
         // Re-created: a new version, which the old tag does not match.
         let new = put(&pool, &sql, &id, "b", &plain).await.unwrap();
-        assert_ne!(new.etag(), old.etag(), "a version repeated after a re-create");
+        assert_ne!(
+            new.etag(),
+            old.etag(),
+            "a version repeated after a re-create"
+        );
         assert!(seen.insert(new.counter()));
         let old_tag = condition(Method::PUT, &[("if-match", &tag(&old))]).await;
         assert!(put(&pool, &sql, &id, "c", &old_tag).await.is_none());
@@ -505,7 +514,11 @@ async fn applied(
     let before = read(pool, sql, id).await;
     let written = put(pool, sql, id, "new", c).await;
     if written.is_none() {
-        assert_eq!(read(pool, sql, id).await, before, "a refused write changed the row");
+        assert_eq!(
+            read(pool, sql, id).await,
+            before,
+            "a refused write changed the row"
+        );
     }
     written.is_some()
 }

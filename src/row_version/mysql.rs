@@ -313,9 +313,9 @@ impl MySqlRowSql {
             Some(m) => {
                 format!("{table}.{version} AS row_version, {table}.{m} AS row_modified_us")
             }
-            None => format!(
-                "{table}.{version} AS row_version, CAST(NULL AS SIGNED) AS row_modified_us"
-            ),
+            None => {
+                format!("{table}.{version} AS row_version, CAST(NULL AS SIGNED) AS row_modified_us")
+            }
         }
     }
 
