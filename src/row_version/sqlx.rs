@@ -3,6 +3,7 @@
 //! from a row ([`row_version`], any database).
 //!
 //! ```no_run
+//! # #[cfg(feature = "sqlx-postgres")] mod example {
 //! use sqlx::PgPool;
 //! use tower_precondition::row_version::{
 //!     sqlx::{row_version, BindCondition},
@@ -29,7 +30,12 @@
 //!     None => { /* read the current version; condition.not_applied(current) */ }
 //! }
 //! # Ok(()) }
+//! # }
 //! ```
+//!
+//! For MariaDB (feature `sqlx-mysql`), `MySqlRowSql` has the
+//! fragments and runs the write (`MySqlRowSql::write`):
+//! MariaDB has no `RETURNING` on `UPDATE`.
 
 use ::sqlx::{ColumnIndex, Decode, FromRow, Row, Type};
 
@@ -40,7 +46,8 @@ use super::{
 
 /// Binds the four values of a [`SqlCondition`] onto a sqlx query, in the order the
 /// database's fragments number them ([`PgRowSql::condition`](super::PgRowSql::condition)
-/// for Postgres).
+/// for Postgres, `MySqlRowSql::condition` for MariaDB,
+/// whose lists are bound as one comma-separated text value each).
 pub trait BindCondition: Sized {
     /// This query with the condition's values bound next.
     #[must_use]
