@@ -13,9 +13,10 @@
 //! and `428` with the same problem+json bodies. It keeps no version and takes no
 //! lease. The handler gets a [`RowPrecondition`], binds it into its statement with the
 //! [`PgRowSql`] fragments (and `bind_condition` for sqlx or `SqlCondition::params` for
-//! tokio-postgres; `MySqlRowSql` for MariaDB, feature `sqlx-mysql`), and reports what the database said: the new [`RowVersion`] with
-//! its `2xx`, or [`NotApplied`] with the row's current version, which the layer turns
-//! into `412` with the current `ETag` and `Last-Modified`. Reads return their row's
+//! tokio-postgres; `MySqlRowSql` for MariaDB, feature `sqlx-mysql`), and reports what
+//! the database said: the new [`RowVersion`] with its `2xx`, or [`NotApplied`] with the
+//! row's current version, which the layer turns into `412` with the current `ETag` and
+//! `Last-Modified`. Reads return their row's
 //! version with the body read in the same statement, so a read's `ETag` always
 //! describes exactly the body it travels with.
 //!
@@ -60,6 +61,12 @@
 //! the `ETag` is strong: [`PgRowSql`] draws versions from one shared sequence. Its
 //! docs list the other columns (`bigint` counters, `updated_at`, `uuid`) and what each
 //! costs.
+//!
+//! # MariaDB
+//!
+//! With the feature `sqlx-mysql`, `MySqlRowSql` gives the same mode on MariaDB: its docs
+//! say how each difference from Postgres is handled (`?` placeholders bound once, no
+//! `RETURNING` on `UPDATE`, `ON DUPLICATE KEY UPDATE`, sequences, time zones).
 
 mod condition;
 mod future;
