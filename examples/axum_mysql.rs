@@ -336,9 +336,7 @@ async fn patch_item(
         merge(fields, patch);
         let query = sqlx::query(&app.sql.write).bind(item.to_string()).bind(&id);
         let written = app.sql.v.write(&mut tx, query).await?;
-        let version = written
-            .ok_or_else(|| sqlx::Error::Protocol("the locked row was not written".into()))?
-            .into_version();
+        let version = written.ok_or(sqlx::Error::RowNotFound)?.into_version();
         tx.commit().await?;
         Ok((version, Json(item)).into_response())
     }

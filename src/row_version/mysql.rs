@@ -78,7 +78,10 @@ const APPLIES_VARIABLE: &str = "@tp_row_applies";
 ///   clock never steps back across a restart, below 16 million values a second on
 ///   average, and fits a signed `BIGINT` only while `server_id` is below 128. A
 ///   per-row counter (`version + 1`) repeats after a delete and re-create, as in
-///   Postgres.
+///   Postgres. MySQL 8 also deprecates (and still runs, with a warning) the two other
+///   forms these fragments use: assigning a session variable in an expression
+///   (`@v := ...`) and `VALUES(column)` in `ON DUPLICATE KEY UPDATE`; the tests run on
+///   MariaDB only.
 /// * **Time.** The current time is `UNIX_TIMESTAMP(NOW(6))`, which converts through
 ///   the session's time zone: exact with `+00:00`, which sqlx sets on every
 ///   connection by default (`MySqlConnectOptions::timezone`); a zone with daylight
