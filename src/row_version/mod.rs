@@ -13,9 +13,10 @@
 //! and `428` with the same problem+json bodies. It keeps no version and takes no
 //! lease. The handler gets a [`RowPrecondition`], binds it into its statement with the
 //! [`PgRowSql`] fragments (and `bind_condition` for sqlx or `SqlCondition::params` for
-//! tokio-postgres), and reports what the database said: the new [`RowVersion`] with
-//! its `2xx`, or [`NotApplied`] with the row's current version, which the layer turns
-//! into `412` with the current `ETag` and `Last-Modified`. Reads return their row's
+//! tokio-postgres; `MySqlRowSql` for MariaDB, feature `sqlx-mysql`), and reports what
+//! the database said: the new [`RowVersion`] with its `2xx`, or [`NotApplied`] with the
+//! row's current version, which the layer turns into `412` with the current `ETag` and
+//! `Last-Modified`. Reads return their row's
 //! version with the body read in the same statement, so a read's `ETag` always
 //! describes exactly the body it travels with.
 //!
@@ -70,10 +71,18 @@
 //! table ever held, inside each write statement. SQLite writes one transaction at a
 //! time, so a read-then-write handler begins with `BEGIN IMMEDIATE` instead of
 //! `SELECT ... FOR UPDATE`; its docs say why, and what a busy database answers.
+//!
+//! # MariaDB
+//!
+//! With the feature `sqlx-mysql`, `MySqlRowSql` gives the same mode on MariaDB: its docs
+//! say how each difference from Postgres is handled (`?` placeholders bound once, no
+//! `RETURNING` on `UPDATE`, `ON DUPLICATE KEY UPDATE`, sequences, time zones).
 
 mod condition;
 mod future;
 mod layer;
+#[cfg(feature = "sqlx-mysql")]
+mod mysql;
 mod service;
 mod sql;
 mod version;
@@ -93,6 +102,8 @@ mod sqlite;
 
 #[cfg(feature = "axum")]
 pub use self::condition::MissingRowPrecondition;
+#[cfg(feature = "sqlx-mysql")]
+pub use self::mysql::{MySqlRowSql, MySqlWritten};
 pub use self::{
     condition::{NotApplied, RowPrecondition, SqlCondition},
     future::RowVersionFuture,

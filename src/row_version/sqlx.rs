@@ -2,7 +2,7 @@
 //! ([`BindCondition`], for each database the features enable), and read the version back
 //! from a row ([`row_version`], any database).
 //!
-//! For Postgres (for SQLite, see `SqliteRowSql`):
+//! For Postgres (for SQLite see `SqliteRowSql`, for MariaDB `MySqlRowSql`):
 //!
 #![cfg_attr(feature = "sqlx-postgres", doc = "```no_run")]
 #![cfg_attr(not(feature = "sqlx-postgres"), doc = "```ignore")]
@@ -33,6 +33,9 @@
 //! }
 //! # Ok(()) }
 //! ```
+//!
+//! For MariaDB (feature `sqlx-mysql`), `MySqlRowSql` has the fragments and runs the
+//! write (`MySqlRowSql::write`): MariaDB has no `RETURNING` on `UPDATE`.
 
 use ::sqlx::{ColumnIndex, Decode, FromRow, Row, Type};
 
@@ -44,7 +47,8 @@ use super::{
 /// Binds the four values of a [`SqlCondition`] onto a sqlx query, in the order the
 /// database's fragments number them ([`PgRowSql::condition`](super::PgRowSql::condition)
 /// for Postgres, `SqliteRowSql::condition` for SQLite, where each version list is bound
-/// as one JSON array).
+/// as one JSON array, `MySqlRowSql::condition` for MariaDB, whose lists are bound as one
+/// comma-separated text value each).
 pub trait BindCondition: Sized {
     /// This query with the condition's values bound next.
     #[must_use]

@@ -1,0 +1,445 @@
+//! A JSON resource server with conditional requests, its items in MariaDB through
+//! sqlx, written in the row-version mode: each item's row carries its version, and the
+//! database checks the precondition in the write statement itself.
+//!
+//! ```text
+//! DATABASE_URL=mysql://root@127.0.0.1:3306/test cargo run --example axum_mysql --features sqlx-mysql,axum
+//! ADDR=127.0.0.1:3001 REQUIRE_PRECONDITIONS=1 DATABASE_URL=... cargo run --example axum_mysql --features sqlx-mysql,axum
+//! ```
+//!
+//! The same `/items/{id}` contract as `axum_sqlx` (Postgres):
+//!
+//! | request | answer |
+//! | --- | --- |
+//! | `GET /items/{id}` | `200` with the JSON item, its `ETag` and `Cache-Control: no-cache`, `404` when missing, `304` when `If-None-Match` matches |
+//! | `PUT /items/{id}` | `201` (created, with `Location`) or `200` (replaced), with the new `ETag` |
+//! | `PATCH /items/{id}` | a shallow merge into a JSON object (`null` removes a field): `200`, `404` when missing, `400` on invalid JSON, `422` when not an object |
+//! | `DELETE /items/{id}` | `204`, `404` when missing |
+//!
+//! Every write may carry `If-Match: <etag>` or `If-None-Match: *`; a stale one gets
+//! `412` with the current `ETag`. With `REQUIRE_PRECONDITIONS=1`, a write without a
+//! precondition gets `428`. An item with an `"owner"` field is private: only
+//! `Authorization: Bearer <owner>` sees or changes it; anyone else gets `404`.
+//!
+//! `PUT` and `DELETE` are one conditional statement each (`MySqlRowSql::write` reads
+//! the new modification time from a session variable right after, on the same
+//! connection); a refused one costs one more read, for the `412`'s current `ETag`.
+//! `PATCH` locks the row (`SELECT ... FOR UPDATE`), checks the precondition against it,
+//! and writes, in one transaction. When the database cannot be reached, every request
+//! gets `503` with `Retry-After: 1`, never a `2xx`.
+
+use std::{env, error::Error, sync::Arc, time::Duration};
+
+use axum::{
+    body::Bytes,
+    extract::{Path, State},
+    http::{header, HeaderMap, StatusCode},
+    response::{IntoResponse, Response},
+    routing::get,
+    Json, Router,
+};
+use serde_json::{json, Map, Value};
+use sqlx::{
+    mysql::{MySqlPoolOptions, MySqlRow},
+    MySqlPool, Row,
+};
+use tower_precondition::row_version::{
+    sqlx::{row_version, BindCondition},
+    MySqlRowSql, RowPrecondition, RowVersionLayer,
+};
+
+/// The items table: the JSON body, and the version columns `MySqlRowSql` writes.
+const ITEMS: &str = "axum_mysql_items";
+
+/// Every statement, built once (sqlx caches prepared statements by their text).
+struct Statements {
+    v: MySqlRowSql,
+    read: String,
+    upsert: String,
+    update: String,
+    delete: String,
+    lock: String,
+    write: String,
+}
+
+impl Statements {
+    fn new() -> Self {
+        let v = MySqlRowSql::new(ITEMS);
+        let returning = v.returning();
+        let owner = format!("JSON_VALUE({ITEMS}.body, '$.owner')");
+        // Private items are their owner's alone: a stranger's write matches no row.
+        let visible = format!("({owner} IS NULL OR {owner} = ?)");
+        let condition = format!("{visible} AND {}", v.condition());
+        Self {
+            read: format!("SELECT body, {owner} AS owner, {returning} FROM {ITEMS} WHERE id = ?"),
+            // Binds: id, body, caller, the condition.
+            upsert: format!(
+                "INSERT INTO {ITEMS} (id, body, {columns}) VALUES (?, ?, {values}) \
+                 ON DUPLICATE KEY UPDATE {set}, {body}",
+                columns = v.insert_columns(),
+                values = v.insert_values(),
+                set = v.upsert_assignments(&condition),
+                body = v.upsert_column("body", "VALUES(body)"),
+            ),
+            // Binds: body, id, caller, the condition.
+            update: format!(
+                "UPDATE {ITEMS} SET body = ?, {} WHERE id = ? AND {condition}",
+                v.assignments()
+            ),
+            // Binds: id, caller, the condition.
+            delete: format!("DELETE FROM {ITEMS} WHERE id = ? AND {condition}"),
+            lock: format!(
+                "SELECT body, {owner} AS owner, {returning} FROM {ITEMS} WHERE id = ? FOR UPDATE"
+            ),
+            // Binds: body, id.
+            write: format!(
+                "UPDATE {ITEMS} SET body = ?, {} WHERE id = ?",
+                v.assignments()
+            ),
+            v,
+        }
+    }
+}
+
+#[derive(Clone)]
+struct App {
+    pool: MySqlPool,
+    sql: Arc<Statements>,
+}
+
+/// A small RFC 9457 problem document, like the ones the layer writes.
+fn problem(status: StatusCode, title: &str, detail: impl Into<String>) -> Response {
+    let body = json!({"type": "about:blank", "title": title, "status": status.as_u16(), "detail": detail.into()});
+    (
+        status,
+        [(header::CONTENT_TYPE, "application/problem+json")],
+        body.to_string(),
+    )
+        .into_response()
+}
+
+fn not_found(id: &str) -> Response {
+    problem(
+        StatusCode::NOT_FOUND,
+        "Not found",
+        format!("no item {id:?}"),
+    )
+}
+
+/// Whether `error` means the database could not be reached (a retry may succeed),
+/// rather than a statement or data error.
+fn unreachable(error: &sqlx::Error) -> bool {
+    match error {
+        sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::Io(_)
+        | sqlx::Error::Tls(_)
+        | sqlx::Error::Protocol(_)
+        | sqlx::Error::WorkerCrashed => true,
+        // Server shutdown in progress, connection killed, server gone or lost.
+        sqlx::Error::Database(e) => {
+            let code = e
+                .try_downcast_ref::<sqlx::mysql::MySqlDatabaseError>()
+                .map(|e| e.number());
+            matches!(code, Some(1053 | 1927 | 2006 | 2013))
+        }
+        _ => false,
+    }
+}
+
+fn database_error(error: sqlx::Error) -> Response {
+    if unreachable(&error) {
+        tracing::warn!(%error, "database unavailable");
+        let detail = "the database cannot be reached; nothing was changed, retry shortly";
+        let mut response = problem(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "Database unavailable",
+            detail,
+        );
+        response
+            .headers_mut()
+            .insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
+        return response;
+    }
+    tracing::error!(%error, "database error");
+    let detail = "the item could not be read or stored; nothing was changed";
+    problem(StatusCode::INTERNAL_SERVER_ERROR, "Database error", detail)
+}
+
+fn invalid_json(error: serde_json::Error) -> Response {
+    let detail = format!("the request body is not valid JSON: {error}");
+    problem(StatusCode::BAD_REQUEST, "Invalid JSON", detail)
+}
+
+fn decode(error: serde_json::Error) -> sqlx::Error {
+    sqlx::Error::Decode(error.into())
+}
+
+/// Who is asking: `Authorization: Bearer <name>`, or nobody.
+fn caller(headers: &HeaderMap) -> Option<String> {
+    let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
+    value.strip_prefix("Bearer ").map(str::to_owned)
+}
+
+/// Whether `caller` may see the item read into `row` (its `owner` column).
+fn visible(row: &MySqlRow, caller: Option<&str>) -> bool {
+    match row.try_get::<Option<String>, _>("owner") {
+        Ok(Some(owner)) => caller == Some(owner.as_str()),
+        Ok(None) => true,
+        Err(_) => false,
+    }
+}
+
+/// The body and version come from one row read, so the `ETag` names this body.
+/// `no-cache`: items change at any time, so caches must revalidate before reuse.
+async fn get_item(Path(id): Path<String>, State(app): State<App>, headers: HeaderMap) -> Response {
+    let row = match sqlx::query(&app.sql.read)
+        .bind(&id)
+        .fetch_optional(&app.pool)
+        .await
+    {
+        Ok(Some(row)) if visible(&row, caller(&headers).as_deref()) => row,
+        Ok(_) => return not_found(&id),
+        Err(error) => return database_error(error),
+    };
+    match (row_version(&row), row.try_get::<String, _>("body")) {
+        (Ok(version), Ok(body)) => {
+            let headers = [
+                (header::CONTENT_TYPE, "application/json"),
+                (header::CACHE_CONTROL, "no-cache"),
+            ];
+            (version, headers, body).into_response()
+        }
+        (Err(error), _) | (_, Err(error)) => database_error(error),
+    }
+}
+
+/// A conditional write changed no row: read the item once to say why (`412` with
+/// its current version, or `404`).
+async fn refused(
+    app: &App,
+    condition: &RowPrecondition,
+    id: &str,
+    caller: Option<&str>,
+) -> Response {
+    let current = match sqlx::query(&app.sql.read)
+        .bind(id)
+        .fetch_optional(&app.pool)
+        .await
+    {
+        Ok(Some(row)) if !visible(&row, caller) => return not_found(id),
+        Ok(Some(row)) => match row_version(&row) {
+            Ok(version) => Some(version),
+            Err(error) => return database_error(error),
+        },
+        Ok(None) => None,
+        Err(error) => return database_error(error),
+    };
+    match condition.not_applied(current) {
+        Some(not_applied) => not_applied.into_response(),
+        None => not_found(id),
+    }
+}
+
+/// Create or replace, in one statement: the upsert when the precondition allows a
+/// create, the plain update when it needs a current version (`If-Match`).
+async fn put_item(
+    Path(id): Path<String>,
+    State(app): State<App>,
+    condition: RowPrecondition,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let value: Value = match serde_json::from_slice(&body) {
+        Ok(value) => value,
+        Err(error) => return invalid_json(error),
+    };
+    let caller = caller(&headers);
+    let upsert = condition.may_create();
+    let query = if upsert {
+        sqlx::query(&app.sql.upsert)
+            .bind(&id)
+            .bind(value.to_string())
+    } else {
+        sqlx::query(&app.sql.update)
+            .bind(value.to_string())
+            .bind(&id)
+    };
+    let query = query.bind(&caller).bind_condition(&condition.sql());
+    let written = async {
+        let mut connection = app.pool.acquire().await?;
+        app.sql.v.write(&mut connection, query).await
+    }
+    .await;
+    let written = match written {
+        Ok(Some(written)) => written,
+        Ok(None) => return refused(&app, &condition, &id, caller.as_deref()).await,
+        Err(error) => return database_error(error),
+    };
+    let created = upsert && written.inserted();
+    let version = written.into_version();
+    if created {
+        let location = [(header::LOCATION, format!("/items/{id}"))];
+        return (StatusCode::CREATED, version, location, Json(value)).into_response();
+    }
+    (version, Json(value)).into_response()
+}
+
+/// A shallow merge (`null` removes a field): read, check, write, in one transaction
+/// holding the row's lock.
+async fn patch_item(
+    Path(id): Path<String>,
+    State(app): State<App>,
+    condition: RowPrecondition,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let patch = match serde_json::from_slice(&body) {
+        Ok(Value::Object(patch)) => patch,
+        Ok(_) => {
+            return problem(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "Not an object",
+                "a PATCH body must be a JSON object",
+            )
+        }
+        Err(error) => return invalid_json(error),
+    };
+    let result: Result<Response, sqlx::Error> = async {
+        let mut tx = app.pool.begin().await?;
+        let row = sqlx::query(&app.sql.lock)
+            .bind(&id)
+            .fetch_optional(&mut *tx)
+            .await?;
+        let row = match row {
+            Some(row) if visible(&row, caller(&headers).as_deref()) => row,
+            Some(_) => return Ok(not_found(&id)),
+            // `If-Match` on a missing item is a `412`; otherwise it is a `404`.
+            None => {
+                return Ok(condition
+                    .check(None)
+                    .map_or_else(IntoResponse::into_response, |()| not_found(&id)))
+            }
+        };
+        if let Err(not_applied) = condition.check(Some(&row_version(&row)?)) {
+            return Ok(not_applied.into_response()); // dropping `tx` rolls back
+        }
+        let mut item: Value = serde_json::from_str(row.try_get("body")?).map_err(decode)?;
+        let Value::Object(fields) = &mut item else {
+            let detail = format!("item {id:?} is not a JSON object, so it cannot be merged into");
+            return Ok(problem(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "Not an object",
+                detail,
+            ));
+        };
+        merge(fields, patch);
+        let query = sqlx::query(&app.sql.write).bind(item.to_string()).bind(&id);
+        let written = app.sql.v.write(&mut tx, query).await?;
+        let version = written.ok_or(sqlx::Error::RowNotFound)?.into_version();
+        tx.commit().await?;
+        Ok((version, Json(item)).into_response())
+    }
+    .await;
+    result.unwrap_or_else(database_error)
+}
+
+fn merge(fields: &mut Map<String, Value>, patch: Map<String, Value>) {
+    for (name, value) in patch {
+        if value.is_null() {
+            fields.remove(&name);
+        } else {
+            fields.insert(name, value);
+        }
+    }
+}
+
+/// One statement; `rows_affected` is 1 exactly when the condition held.
+async fn delete_item(
+    Path(id): Path<String>,
+    State(app): State<App>,
+    condition: RowPrecondition,
+    headers: HeaderMap,
+) -> Response {
+    let caller = caller(&headers);
+    let deleted = sqlx::query(&app.sql.delete)
+        .bind(&id)
+        .bind(&caller)
+        .bind_condition(&condition.sql())
+        .execute(&app.pool)
+        .await;
+    match deleted {
+        Ok(done) if done.rows_affected() > 0 => StatusCode::NO_CONTENT.into_response(),
+        Ok(_) => refused(&app, &condition, &id, caller.as_deref()).await,
+        Err(error) => database_error(error),
+    }
+}
+
+/// The application: the routes, behind the row-version layer.
+fn app(pool: MySqlPool, require_preconditions: bool) -> Router {
+    let state = App {
+        pool,
+        sql: Arc::new(Statements::new()),
+    };
+    Router::new()
+        .route(
+            "/items/{id}",
+            get(get_item)
+                .put(put_item)
+                .patch(patch_item)
+                .delete(delete_item),
+        )
+        .with_state(state)
+        .route_layer(RowVersionLayer::new().require_precondition(require_preconditions))
+}
+
+/// Creates the sequence and the table if needed (both `IF NOT EXISTS`, so several
+/// processes may start at once).
+async fn migrate(pool: &MySqlPool) -> Result<(), sqlx::Error> {
+    let v = MySqlRowSql::new(ITEMS);
+    sqlx::query(&v.create_sequence()).execute(pool).await?;
+    let table = format!(
+        "CREATE TABLE IF NOT EXISTS {ITEMS} (id VARCHAR(255) PRIMARY KEY, \
+         body LONGTEXT NOT NULL, {}) ENGINE = InnoDB",
+        v.columns()
+    );
+    sqlx::query(&table).execute(pool).await?;
+    Ok(())
+}
+
+#[tokio::main]
+async fn main() -> Result<(), Box<dyn Error>> {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| "info,tower_precondition=debug".into());
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(false)
+        .init();
+
+    let addr = env::var("ADDR").unwrap_or_else(|_| "127.0.0.1:3000".to_owned());
+    let require = env::var("REQUIRE_PRECONDITIONS").is_ok_and(|v| v == "1" || v == "true");
+    let url = env::var("DATABASE_URL")
+        .map_err(|_| "set DATABASE_URL, e.g. mysql://root@127.0.0.1:3306/test")?;
+
+    // Fail fast while the database is down: a request waits at most 2 s for a
+    // connection, then gets `503`.
+    let pool = MySqlPoolOptions::new()
+        .max_connections(16)
+        .acquire_timeout(Duration::from_secs(2))
+        .connect(&url)
+        .await?;
+    migrate(&pool).await?;
+
+    let listener = tokio::net::TcpListener::bind(&addr).await?;
+    println!("listening on http://{}", listener.local_addr()?);
+    tracing::info!(
+        require_preconditions = require,
+        "serving /items/{{id}} from MariaDB (sqlx)"
+    );
+    axum::serve(listener, app(pool, require))
+        .with_graceful_shutdown(async {
+            let _ = tokio::signal::ctrl_c().await;
+        })
+        .await?;
+    Ok(())
+}
