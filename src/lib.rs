@@ -49,7 +49,7 @@
 //!
 //! | mode | who performs the compare-and-set | for | round trips per write |
 //! | --- | --- | --- | --- |
-//! | [row version](row_version) ([`RowVersionLayer`](row_version::RowVersionLayer)) | the application's own write statement (`UPDATE ... WHERE id = $1 AND version = ANY($2)`), built with the crate's SQL fragments | data in Postgres (sqlx or tokio-postgres) whose rows can carry a version | one statement |
+//! | [row version](row_version) ([`RowVersionLayer`](row_version::RowVersionLayer)) | the application's own write statement (`UPDATE ... WHERE id = $1 AND version = ANY($2)`), built with the crate's SQL fragments | data in Postgres (sqlx or tokio-postgres), MariaDB or SQLite (sqlx) whose rows can carry a version | one statement |
 //! | [transactional] (`PgTransactionalLayer`, feature `postgres`) | the layer, inside the transaction it hands the handler | data in the same Postgres, handlers that stay unconditional | one transaction |
 //! | store ([`PreconditionLayer`]) | an [`AtomicVersionStore`] (memory, Redis, Postgres, yours), around the handler | data anywhere | load, reserve, settle |
 //!
@@ -152,6 +152,8 @@
 //! | `postgres` | `store::PostgresStore`, the transactional mode, and the row-version helpers for tokio-postgres (`row_version::tokio_postgres`) |
 //! | `sqlite` | `store::SqliteStore`, versions in an SQLite file shared by the processes of one host |
 //! | `sqlx-postgres` | the row-version helpers for sqlx 0.8 on Postgres (`row_version::sqlx`) |
+//! | `sqlx-mysql` | the row-version mode on MariaDB / MySQL through sqlx 0.8 (`row_version::MySqlRowSql`) |
+//! | `sqlx-sqlite` | the row-version mode on SQLite through sqlx 0.8 (`row_version::SqliteRowSql`) |
 //! | `axum` (default) | axum's body as a request body the layer can buffer ([`BufferableBody`]), and axum extractors |
 //! | `testing` | `store::testing`, the contract suite any store can run |
 
