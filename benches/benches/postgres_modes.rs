@@ -950,7 +950,7 @@ async fn run(settings: Settings) {
         for round in 0..rounds {
             // Forward, then backward (A B C, C B A, ...): a load that drifts during the
             // run weighs on every variant alike.
-            let order: Vec<Variant> = if round % 2 == 0 {
+            let order: Vec<Variant> = if round.is_multiple_of(2) {
                 variants.clone()
             } else {
                 variants.iter().rev().copied().collect()
@@ -1085,7 +1085,7 @@ fn median(mut values: Vec<f64>) -> f64 {
     }
     values.sort_by(f64::total_cmp);
     let mid = values.len() / 2;
-    if values.len() % 2 == 0 {
+    if values.len().is_multiple_of(2) {
         (values[mid - 1] + values[mid]) / 2.0
     } else {
         values[mid]
