@@ -19,8 +19,10 @@
 //! Requests go through the axum router in-process (no sockets), so the figures measure
 //! the middleware, the driver and the database, not HTTP parsing. Both pools have the
 //! same size, and neither checks a connection on checkout (deadpool's
-//! `RecyclingMethod::Fast`, sqlx's `test_before_acquire(false)`), so both drivers send
-//! the same statements and nothing else.
+//! `RecyclingMethod::Fast`, sqlx's `test_before_acquire(false)`). sqlx 0.8 still pings
+//! every connection it takes back (a `Sync` round trip, in a task of its own, that
+//! cannot be turned off), so each sqlx handler checks out one connection per request
+//! and runs all its statements on it, as each tokio-postgres handler does.
 //!
 //! Every variant writes its own table (`tp_bench_items_*`, dropped and re-created at the
 //! start); the row-version tables draw their versions from the sequence
@@ -57,7 +59,8 @@
 //! Besides the figures, each variant's CPU time per request is shown: this process's
 //! (clients, router, layers, drivers) and the server's (every process named
 //! `postgres`, read from `/proc`, so other databases' work on a shared server counts
-//! too).
+//! too), and the server's WAL flushes per request (`pg_stat_wal.wal_sync`, the whole
+//! server's too): a commit that wrote WAL waits for one, unless it shares another's.
 
 use std::{
     collections::HashMap,
@@ -460,12 +463,15 @@ async fn put_one_statement_sqlx(
     body: String,
 ) -> Response {
     let result: Result<Response, sqlx::Error> = async {
+        // One checkout for both statements: sqlx pings a connection each time it goes
+        // back to the pool, so a checkout per statement would cost a round trip each.
+        let mut conn = state.sqlx.acquire().await?;
         let written: Option<i64> = match parse_if_match(&headers) {
             IfMatch::Absent => {
                 sqlx::query_scalar(&state.sql.one_statement_unconditional)
                     .bind(&id)
                     .bind(&body)
-                    .fetch_optional(&state.sqlx)
+                    .fetch_optional(&mut *conn)
                     .await?
             }
             IfMatch::Version(version) => {
@@ -473,7 +479,7 @@ async fn put_one_statement_sqlx(
                     .bind(&id)
                     .bind(&body)
                     .bind(version)
-                    .fetch_optional(&state.sqlx)
+                    .fetch_optional(&mut *conn)
                     .await?
             }
             IfMatch::Unmatchable => None,
@@ -483,7 +489,7 @@ async fn put_one_statement_sqlx(
         }
         let current: Option<i64> = sqlx::query_scalar(&state.sql.select_version)
             .bind(&id)
-            .fetch_optional(&state.sqlx)
+            .fetch_optional(&mut *conn)
             .await?;
         Ok(one_statement_refused(current))
     }
@@ -541,11 +547,14 @@ async fn put_row_version_sqlx(
     body: String,
 ) -> Response {
     let result: Result<Response, sqlx::Error> = async {
+        // One checkout for the write and the read after a refusal (see
+        // `put_one_statement_sqlx`).
+        let mut conn = state.sqlx.acquire().await?;
         let written = sqlx::query(&state.sql.row_update)
             .bind(&id)
             .bind(&body)
             .bind_condition(&condition.sql())
-            .fetch_optional(&state.sqlx)
+            .fetch_optional(&mut *conn)
             .await?;
         if let Some(row) = written {
             let version = row_version::sqlx::row_version(&row)?;
@@ -553,7 +562,7 @@ async fn put_row_version_sqlx(
         }
         let current = sqlx::query(&state.sql.row_read)
             .bind(&id)
-            .fetch_optional(&state.sqlx)
+            .fetch_optional(&mut *conn)
             .await?
             .map(|row| row_version::sqlx::row_version(&row))
             .transpose()?;
@@ -789,10 +798,19 @@ struct Row {
     tally: Tally,
     rounds: Vec<RoundStat>,
     cpu: Cpu,
+    /// WAL flushes (`pg_stat_wal.wal_sync`) while it ran; `None` if unknown.
+    wal_flushes: Option<u64>,
 }
 
 impl Row {
     /// CPU microseconds per request: this process's, and the server's.
+    /// WAL flushes per request: about one per commit that wrote WAL, fewer when
+    /// commits share a flush.
+    fn wal_flushes_per_request(&self) -> Option<f64> {
+        let requests = self.tally.latencies.len().max(1) as f64;
+        self.wal_flushes.map(|n| n as f64 / requests)
+    }
+
     fn cpu_us_per_request(&self) -> (f64, f64) {
         let requests = self.tally.latencies.len().max(1) as f64;
         let us = |ticks: u64| ticks as f64 / TICKS_PER_SECOND * 1e6 / requests;
@@ -886,6 +904,11 @@ async fn run(settings: Settings) {
             .await
             .expect("sqlx pool"),
     };
+    // A connection of its own for the server's statistics, outside both pools.
+    let (stats, connection) = tokio_postgres::connect(url, NoTls)
+        .await
+        .expect("statistics connection");
+    tokio::spawn(connection);
     let variants: Vec<Variant> = VARIANTS
         .into_iter()
         .filter(|v| {
@@ -966,8 +989,13 @@ async fn run(settings: Settings) {
                     .collect();
                 tokio::time::sleep_until(measure_from.into()).await;
                 let cpu_before = Cpu::now();
+                let wal_before = wal_flushes(&stats).await;
                 tokio::time::sleep_until(stop.into()).await;
                 let cpu = Cpu::now().since(&cpu_before);
+                let wal = wal_flushes(&stats)
+                    .await
+                    .zip(wal_before)
+                    .map(|(after, before)| after.saturating_sub(before));
                 let mut tally = Tally::default();
                 for task in tasks {
                     tally.merge(task.await.expect("client"));
@@ -992,6 +1020,7 @@ async fn run(settings: Settings) {
                             tally: Tally::default(),
                             rounds: Vec::new(),
                             cpu: Cpu::default(),
+                            wal_flushes: Some(0),
                         });
                         rows.len() - 1
                     }
@@ -1001,6 +1030,7 @@ async fn run(settings: Settings) {
                 row.tally.merge(tally);
                 row.rounds.push(this_round);
                 row.cpu.add(&cpu);
+                row.wal_flushes = row.wal_flushes.zip(wal).map(|(sum, n)| sum + n);
             }
         }
     }
@@ -1014,6 +1044,17 @@ async fn run(settings: Settings) {
             .trim()
     );
     report(&rows);
+}
+
+/// WAL flushes of the whole server so far (`pg_stat_wal`, Postgres 14 and later).
+async fn wal_flushes(client: &tokio_postgres::Client) -> Option<u64> {
+    let row = client
+        .query_one("SELECT wal_sync FROM pg_stat_wal", &[])
+        .await
+        .ok()?;
+    row.try_get::<_, i64>(0)
+        .ok()
+        .and_then(|n| u64::try_from(n).ok())
 }
 
 /// CPU time used so far, in clock ticks (`/proc/<pid>/stat` utime + stime): this
@@ -1116,18 +1157,22 @@ fn ratio(row: &Row, base: &Row, figure: impl Fn(&RoundStat) -> f64, pooled: f64)
 fn report(rows: &[Row]) {
     println!(
         "| scenario | variant | driver | successful writes/s | requests/s | p50 | p99 \
-         | 2xx | 412 | 412 without ETag | 409 | 5xx | other | app CPU/request | server CPU/request |"
+         | 2xx | 412 | 412 without ETag | 409 | 5xx | other | app CPU/request | server CPU/request \
+         | WAL flushes/request |"
     );
     println!(
         "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: \
-         | ---: | ---: | ---: |"
+         | ---: | ---: | ---: | ---: |"
     );
     for row in rows {
         let t = &row.tally;
         let (app_us, pg_us) = row.cpu_us_per_request();
+        let wal = row
+            .wal_flushes_per_request()
+            .map_or_else(|| "-".to_owned(), |n| format!("{n:.2}"));
         println!(
             "| {} | {} | {} | {:.0} | {:.0} | {:.1} ms | {:.1} ms | {} | {} | {} | {} | {} | {} \
-             | {app_us:.0} µs | {pg_us:.0} µs |",
+             | {app_us:.0} µs | {pg_us:.0} µs | {wal} |",
             row.scenario.label(),
             row.variant.kind.name(),
             row.variant.driver.name(),
