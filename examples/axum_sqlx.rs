@@ -39,7 +39,7 @@ use axum::{
     Json, Router,
 };
 use serde_json::{json, Map, Value};
-use sqlx::{postgres::PgPoolOptions, PgPool, Row};
+use sqlx::{postgres::PgPoolOptions, PgConnection, PgPool, Row};
 use tower_precondition::row_version::{
     sqlx::{row_version, BindCondition},
     PgRowSql, RowPrecondition, RowVersionLayer,
@@ -165,17 +165,18 @@ async fn get_item(Path(id): Path<String>, State(app): State<App>, headers: Heade
     }
 }
 
-/// A conditional write changed no row: read the item once to say why (`412` with
-/// its current version, or `404`).
+/// A conditional write changed no row: read the item once, on the write's connection,
+/// to say why (`412` with its current version, or `404`).
 async fn refused(
     app: &App,
+    conn: &mut PgConnection,
     condition: &RowPrecondition,
     id: &str,
     caller: Option<&str>,
 ) -> Response {
     let current = match sqlx::query(&app.sql.read)
         .bind(id)
-        .fetch_optional(&app.pool)
+        .fetch_optional(&mut *conn)
         .await
     {
         Ok(Some(row)) if !visible(&row, caller) => return not_found(id),
@@ -211,16 +212,22 @@ async fn put_item(
     } else {
         &app.sql.update
     };
+    // One connection for the write and, if it is refused, the read: a checkout each
+    // would cost sqlx a round trip more.
+    let mut conn = match app.pool.acquire().await {
+        Ok(conn) => conn,
+        Err(error) => return database_error(error),
+    };
     let written = sqlx::query(statement)
         .bind(&id)
         .bind(value.to_string())
         .bind(&caller)
         .bind_condition(&condition.sql())
-        .fetch_optional(&app.pool)
+        .fetch_optional(&mut *conn)
         .await;
     let row = match written {
         Ok(Some(row)) => row,
-        Ok(None) => return refused(&app, &condition, &id, caller.as_deref()).await,
+        Ok(None) => return refused(&app, &mut conn, &condition, &id, caller.as_deref()).await,
         Err(error) => return database_error(error),
     };
     let (version, created) = match (row_version(&row), row.try_get::<bool, _>("created")) {
@@ -314,15 +321,19 @@ async fn delete_item(
     headers: HeaderMap,
 ) -> Response {
     let caller = caller(&headers);
+    let mut conn = match app.pool.acquire().await {
+        Ok(conn) => conn,
+        Err(error) => return database_error(error),
+    };
     let deleted = sqlx::query(&app.sql.delete)
         .bind(&id)
         .bind(&caller)
         .bind_condition(&condition.sql())
-        .fetch_optional(&app.pool)
+        .fetch_optional(&mut *conn)
         .await;
     match deleted {
         Ok(Some(_)) => StatusCode::NO_CONTENT.into_response(),
-        Ok(None) => refused(&app, &condition, &id, caller.as_deref()).await,
+        Ok(None) => refused(&app, &mut conn, &condition, &id, caller.as_deref()).await,
         Err(error) => database_error(error),
     }
 }

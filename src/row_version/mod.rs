@@ -32,6 +32,17 @@
 //! write that are the same statement, a crash leaves the database's answer, and there
 //! is no lease, clock or second table.
 //!
+//! Except on a row many clients write at once. A conditional `UPDATE` that finds the
+//! row locked by a concurrent writer waits, then (under `READ COMMITTED`) locks the
+//! row's newest version before it re-checks the condition; refused, it has written
+//! nothing, but its autocommit still waits for a WAL flush while holding that lock, so
+//! refused writers queue one flush after another. Measured on one hot key
+//! (`BENCHMARKS.md`), that gives about 0.6x the successful writes of a hand-written
+//! `SELECT ... FOR UPDATE` handler, whose refusals roll back without a flush. For such
+//! rows use the locked-row path below ([`RowPrecondition::check`] in a transaction that
+//! rolls back when the check fails), or run the one statement in a transaction and roll
+//! it back on zero rows.
+//!
 //! # Every form of precondition, in one statement
 //!
 //! | request | statement | zero rows means |

@@ -33,7 +33,7 @@
 ///
 /// | column | how | cost |
 /// | --- | --- | --- |
-/// | `bigint` from the shared sequence (the default) | as above | one `nextval` per write (no lock held, not rolled back) |
+/// | `bigint` from the shared sequence (the default) | as above | one `nextval` per write: a brief exclusive lock on the sequence's one page, shared by every table that draws from it, and a WAL record every 32 values (a sequence per table, or `CACHE n`, spreads it; cached values are unique but not in order) |
 /// | `bigint` counter (`version = version + 1`) | [`version_column`](Self::version_column) with your own `SET` | repeats after a delete and re-create: only safe where rows are never deleted, or deleted rows keep a tombstone |
 /// | an existing `updated_at timestamptz` | [`modified_column`](Self::modified_column), beside a `bigint` version | the dates come from it; alone it cannot be the version: the same-second marker (see [`assignments`](Self::assignments)) gives two writes in one second one value, and so can a clock that steps back |
 /// | `uuid` (`gen_random_uuid()`) | [`RowVersion::from_tag`](super::RowVersion::from_tag) and [`RowPrecondition::check`](super::RowPrecondition::check) after `SELECT ... FOR UPDATE` | never repeats, but the one-statement condition compares `bigint`s only: two statements in a transaction |
