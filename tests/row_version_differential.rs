@@ -14,60 +14,16 @@ use tokio_postgres::types::ToSql;
 use tower_precondition::{
     evaluate::{evaluate, Decision},
     row_version::{sqlx::BindCondition, PgRowSql, RowPrecondition, RowVersion},
-    store::Version,
 };
 
 mod postgres_support;
 #[path = "common/row_condition.rs"]
 mod row_condition;
+#[path = "common/row_differential.rs"]
+mod row_differential;
+use row_differential::{date_field, row_state, tag_field, version_of, BASE};
 
 const TABLE: &str = "tp_row_version_differential";
-/// The row's second: 2026-12-02T04:22:55Z.
-const BASE: i64 = 1_796_185_375;
-
-/// A row state: `None` (absent) or (version, microseconds past `BASE`'s start).
-fn row_state() -> impl Strategy<Value = Option<(i64, i64)>> {
-    prop_oneof![
-        1 => Just(None),
-        4 => (1i64..=4, prop_oneof![
-            Just(-1_000_000i64),   // the second before
-            Just(0i64),
-            Just(264_513i64),
-            Just(999_999i64),      // the marker: a second write within BASE
-            Just(1_500_000i64),    // the second after
-        ])
-        .prop_map(Some),
-    ]
-}
-
-fn tag() -> impl Strategy<Value = String> {
-    prop_oneof![
-        (1i64..=4).prop_map(|n| format!("\"{n}\"")),
-        (1i64..=4).prop_map(|n| format!("W/\"{n}\"")),
-        (1i64..=4).prop_map(|n| format!("\"{n}-gzip\"")),
-        (1i64..=4).prop_map(|n| format!("\"0{n}\"")),
-        Just("\"x\"".to_owned()),
-    ]
-}
-
-fn tag_field() -> impl Strategy<Value = Option<String>> {
-    prop_oneof![
-        2 => Just(None),
-        1 => Just(Some("*".to_owned())),
-        3 => prop::collection::vec(tag(), 1..4).prop_map(|tags| Some(tags.join(", "))),
-    ]
-}
-
-fn date_field() -> impl Strategy<Value = Option<String>> {
-    prop_oneof![
-        Just(None),
-        (-1i64..=1).prop_map(|offset| {
-            let at = std::time::UNIX_EPOCH + std::time::Duration::from_secs((BASE + offset) as u64);
-            Some(httpdate::fmt_http_date(at))
-        }),
-        Just(Some("not a date".to_owned())),
-    ]
-}
 
 struct Harness {
     runtime: tokio::runtime::Runtime,
@@ -226,18 +182,4 @@ fn the_sql_condition_applies_exactly_when_the_rfc_evaluator_proceeds() {
         })?;
         prop_assert_eq!(applied, expected, "state {:?}, headers {:?}", state, headers);
     });
-}
-
-/// The evaluator's view of a row version: its tag, its second, and whether that
-/// second is ambiguous (or unknown).
-fn version_of(row: &RowVersion) -> Version {
-    let secs = row
-        .last_modified()
-        .map(|t| t.duration_since(std::time::UNIX_EPOCH).unwrap().as_secs());
-    Version::from_parts(
-        row.etag().clone(),
-        secs.unwrap_or(u64::MAX),
-        row.last_modified_ambiguous() || secs.is_none(),
-    )
-    .unwrap()
 }

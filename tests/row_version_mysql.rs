@@ -18,12 +18,14 @@ use sqlx::{mysql::MySqlPoolOptions, MySqlPool};
 use tower_precondition::{
     evaluate::{evaluate, Decision},
     row_version::{sqlx::BindCondition, MySqlRowSql, RowPrecondition, RowVersion},
-    store::Version,
 };
 
 #[path = "common/row_condition.rs"]
 mod row_condition;
 use row_condition::condition;
+#[path = "common/row_differential.rs"]
+mod row_differential;
+use row_differential::{date_field, row_state, tag_field, version_of, BASE};
 
 const TABLE: &str = "tp_row_version_mysql";
 
@@ -427,64 +429,6 @@ async fn of_upserts_with_the_same_if_none_match_exactly_one_wins() {
 }
 
 // ---- The differential property test ----
-
-/// The row's second: 2026-12-02T04:22:55Z.
-const BASE: i64 = 1_796_185_375;
-
-fn row_state() -> impl Strategy<Value = Option<(i64, i64)>> {
-    prop_oneof![
-        1 => Just(None),
-        4 => (1i64..=4, prop_oneof![
-            Just(-1_000_000i64),
-            Just(0i64),
-            Just(264_513i64),
-            Just(999_999i64),
-            Just(1_500_000i64),
-        ])
-        .prop_map(Some),
-    ]
-}
-
-fn tag_value() -> impl Strategy<Value = String> {
-    prop_oneof![
-        (1i64..=4).prop_map(|n| format!("\"{n}\"")),
-        (1i64..=4).prop_map(|n| format!("W/\"{n}\"")),
-        (1i64..=4).prop_map(|n| format!("\"{n}-gzip\"")),
-        (1i64..=4).prop_map(|n| format!("\"0{n}\"")),
-        Just("\"x\"".to_owned()),
-    ]
-}
-
-fn tag_field() -> impl Strategy<Value = Option<String>> {
-    prop_oneof![
-        2 => Just(None),
-        1 => Just(Some("*".to_owned())),
-        3 => prop::collection::vec(tag_value(), 1..4).prop_map(|tags| Some(tags.join(", "))),
-    ]
-}
-
-fn date_field() -> impl Strategy<Value = Option<String>> {
-    prop_oneof![
-        Just(None),
-        (-1i64..=1).prop_map(|offset| {
-            let at = std::time::UNIX_EPOCH + std::time::Duration::from_secs((BASE + offset) as u64);
-            Some(httpdate::fmt_http_date(at))
-        }),
-        Just(Some("not a date".to_owned())),
-    ]
-}
-
-fn version_of(row: &RowVersion) -> Version {
-    let secs = row
-        .last_modified()
-        .map(|t| t.duration_since(std::time::UNIX_EPOCH).unwrap().as_secs());
-    Version::from_parts(
-        row.etag().clone(),
-        secs.unwrap_or(u64::MAX),
-        row.last_modified_ambiguous() || secs.is_none(),
-    )
-    .unwrap()
-}
 
 /// Puts row `id` into `state`, runs the conditional write, and says whether it applied
 /// (and checks that a refused write left the row as it was).

@@ -7,25 +7,25 @@
 //! Conditions are made the way a handler gets them: a request through
 //! `RowVersionLayer`, and the `RowPrecondition` it hands on.
 
-use std::{
-    path::PathBuf,
-    sync::{Arc, Mutex},
-    time::Duration,
-};
+use std::{path::PathBuf, sync::Arc, time::Duration};
 
-use http::{Method, Request, Response};
+use http::Method;
 use proptest::prelude::*;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions};
-use tower::{service_fn, ServiceExt};
-use tower_layer::Layer;
 use tower_precondition::{
     evaluate::{evaluate, Decision},
     row_version::{
         sqlx::{row_version, BindCondition},
-        RowPrecondition, RowVersion, RowVersionLayer, SqliteRowSql,
+        RowPrecondition, RowVersion, SqliteRowSql,
     },
-    store::Version,
 };
+
+#[path = "common/row_condition.rs"]
+mod row_condition;
+use row_condition::condition;
+#[path = "common/row_differential.rs"]
+mod row_differential;
+use row_differential::{date_field, row_state, tag_field, version_of, BASE};
 
 const TABLE: &str = "items";
 
@@ -65,32 +65,6 @@ async fn pool(label: &str, connections: u32) -> SqlitePool {
         .await
         .expect("migrate");
     pool
-}
-
-/// The `RowPrecondition` the layer hands a handler for `method` with `headers`.
-async fn condition(method: Method, headers: &[(&str, &str)]) -> RowPrecondition {
-    let seen = Arc::new(Mutex::new(None));
-    let handler = {
-        let seen = seen.clone();
-        service_fn(move |request: Request<String>| {
-            let seen = seen.clone();
-            async move {
-                *seen.lock().unwrap() = request.extensions().get::<RowPrecondition>().cloned();
-                Ok::<_, std::convert::Infallible>(Response::new(String::new()))
-            }
-        })
-    };
-    let mut request = Request::builder().method(method).uri("/t/1");
-    for (name, value) in headers {
-        request = request.header(*name, *value);
-    }
-    RowVersionLayer::new()
-        .layer(handler)
-        .oneshot(request.body(String::new()).unwrap())
-        .await
-        .unwrap();
-    let found = seen.lock().unwrap().take();
-    found.expect("the layer handed a RowPrecondition on")
 }
 
 /// The statements of the test table.
@@ -290,7 +264,7 @@ async fn every_form_of_precondition_in_one_statement() {
 async fn a_date_from_before_two_writes_in_one_second_never_passes() {
     let pool = pool("second", 2).await;
     let sql = Sql::new();
-    let plain = condition(Method::PUT, &[]).await;
+    let plain = condition::<&str>(Method::PUT, &[]).await;
     let id = "second";
     let mut checked = false;
     // Two writes straddle a second boundary now and then: try until a pair shares one.
@@ -333,8 +307,8 @@ async fn a_date_from_before_two_writes_in_one_second_never_passes() {
 async fn versions_never_repeat_across_a_delete_and_a_re_create() {
     let pool = pool("recreate", 2).await;
     let sql = Sql::new();
-    let plain = condition(Method::PUT, &[]).await;
-    let plain_delete = condition(Method::DELETE, &[]).await;
+    let plain = condition::<&str>(Method::PUT, &[]).await;
+    let plain_delete = condition::<&str>(Method::DELETE, &[]).await;
     let id = "recreate";
     let mut seen = Vec::new();
     for _ in 0..5 {
@@ -401,7 +375,7 @@ async fn of_writes_with_the_same_if_match_exactly_one_wins() {
     const ROUNDS: usize = 10;
     let pool = pool("race", RACERS as u32).await;
     let sql = Arc::new(Sql::new());
-    let plain = condition(Method::PUT, &[]).await;
+    let plain = condition::<&str>(Method::PUT, &[]).await;
     let id = "race";
     let mut current = sql.put(&pool, id, "start", &plain).await.unwrap();
     for round in 0..ROUNDS {
@@ -433,68 +407,6 @@ async fn of_writes_with_the_same_if_match_exactly_one_wins() {
 // ---------------------------------------------------------------------------------------
 // The differential property test
 // ---------------------------------------------------------------------------------------
-
-/// The row's second: 2026-12-02T04:22:55Z.
-const BASE: i64 = 1_796_185_375;
-
-/// A row state: `None` (absent) or (version, microseconds past `BASE`'s start).
-fn row_state() -> impl Strategy<Value = Option<(i64, i64)>> {
-    prop_oneof![
-        1 => Just(None),
-        4 => (1i64..=4, prop_oneof![
-            Just(-1_000_000i64),   // the second before
-            Just(0i64),
-            Just(264_513i64),
-            Just(999_000i64),      // the last millisecond: not the marker
-            Just(999_999i64),      // the marker: a second write within BASE
-            Just(1_500_000i64),    // the second after
-        ])
-        .prop_map(Some),
-    ]
-}
-
-fn tag_strategy() -> impl Strategy<Value = String> {
-    prop_oneof![
-        (1i64..=4).prop_map(|n| format!("\"{n}\"")),
-        (1i64..=4).prop_map(|n| format!("W/\"{n}\"")),
-        (1i64..=4).prop_map(|n| format!("\"{n}-gzip\"")),
-        (1i64..=4).prop_map(|n| format!("\"0{n}\"")),
-        Just("\"x\"".to_owned()),
-    ]
-}
-
-fn tag_field() -> impl Strategy<Value = Option<String>> {
-    prop_oneof![
-        2 => Just(None),
-        1 => Just(Some("*".to_owned())),
-        3 => prop::collection::vec(tag_strategy(), 1..4).prop_map(|tags| Some(tags.join(", "))),
-    ]
-}
-
-fn date_field() -> impl Strategy<Value = Option<String>> {
-    prop_oneof![
-        Just(None),
-        (-1i64..=1).prop_map(|offset| {
-            let at = std::time::UNIX_EPOCH + std::time::Duration::from_secs((BASE + offset) as u64);
-            Some(httpdate::fmt_http_date(at))
-        }),
-        Just(Some("not a date".to_owned())),
-    ]
-}
-
-/// The evaluator's view of a row version: its tag, its second, and whether that
-/// second is ambiguous (or unknown).
-fn version_of(row: &RowVersion) -> Version {
-    let secs = row
-        .last_modified()
-        .map(|t| t.duration_since(std::time::UNIX_EPOCH).unwrap().as_secs());
-    Version::from_parts(
-        row.etag().clone(),
-        secs.unwrap_or(u64::MAX),
-        row.last_modified_ambiguous() || secs.is_none(),
-    )
-    .unwrap()
-}
 
 #[test]
 fn the_sql_condition_applies_exactly_when_the_rfc_evaluator_proceeds() {
