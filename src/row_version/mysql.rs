@@ -3,10 +3,10 @@
 
 use ::sqlx::{
     mysql::{MySql, MySqlArguments, MySqlConnection},
-    query::{Query, QueryAs, QueryScalar},
+    query::Query,
 };
 
-use super::{sqlx::BindCondition, RowVersion, SqlCondition};
+use super::{RowVersion, SqlCondition};
 
 /// The session variable the assignments leave the new modification time in.
 const MODIFIED_VARIABLE: &str = "@tp_row_modified_us";
@@ -40,7 +40,7 @@ const APPLIES_VARIABLE: &str = "@tp_row_applies";
 ///
 /// * **Placeholders are `?`, each bound once, in order.** The condition
 ///   ([`condition`](Self::condition)) uses each of its four values exactly once, in the
-///   order [`BindCondition`] binds them: `If-Match` and `If-None-Match` as one text
+///   order [`BindCondition`](super::sqlx::BindCondition) binds them: `If-Match` and `If-None-Match` as one text
 ///   value each, the versions joined by commas (`FIND_IN_SET(version, ?)`; `NULL` is
 ///   no list, so `COALESCE` passes it), `If-Unmodified-Since` in seconds
 ///   (`COALESCE(modified_us < ? * 1000000 + 999999, TRUE)`), and whether an existing
@@ -293,7 +293,7 @@ impl MySqlRowSql {
 
     /// The condition on the existing row, to `AND` into a `WHERE` (or to pass to
     /// [`upsert_assignments`](Self::upsert_assignments)), with four `?` placeholders,
-    /// each used once, bound by [`BindCondition::bind_condition`] in its order.
+    /// each used once, bound by [`BindCondition::bind_condition`](super::sqlx::BindCondition::bind_condition) in its order.
     pub fn condition(&self) -> String {
         let (table, version) = (&self.table, &self.version);
         let since = match &self.modified {
@@ -386,33 +386,12 @@ fn list(versions: &Option<Vec<i64>>) -> Option<String> {
     })
 }
 
-macro_rules! bind_condition {
-    ($query:expr, $condition:expr) => {
-        $query
-            .bind(list(&$condition.if_match))
-            .bind(list(&$condition.if_none_match))
-            .bind($condition.unmodified_since)
-            .bind($condition.may_replace)
-    };
-}
-
-impl<'q> BindCondition for Query<'q, MySql, MySqlArguments> {
-    fn bind_condition(self, condition: &SqlCondition) -> Self {
-        bind_condition!(self, condition)
-    }
-}
-
-impl<'q, O> BindCondition for QueryAs<'q, MySql, O, MySqlArguments> {
-    fn bind_condition(self, condition: &SqlCondition) -> Self {
-        bind_condition!(self, condition)
-    }
-}
-
-impl<'q, O> BindCondition for QueryScalar<'q, MySql, O, MySqlArguments> {
-    fn bind_condition(self, condition: &SqlCondition) -> Self {
-        bind_condition!(self, condition)
-    }
-}
+super::sqlx::impl_bind_condition!('q, MySql, MySqlArguments, |c: &SqlCondition| (
+    list(&c.if_match),
+    list(&c.if_none_match),
+    c.unmodified_since,
+    c.may_replace,
+));
 
 #[cfg(test)]
 mod tests {

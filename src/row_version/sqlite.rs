@@ -2,12 +2,9 @@
 //! SQLite statements (through sqlx), and [`BindCondition`](super::sqlx::BindCondition)
 //! for SQLite queries.
 
-use ::sqlx::{
-    query::{Query, QueryAs, QueryScalar},
-    sqlite::{Sqlite, SqliteArguments},
-};
+use ::sqlx::sqlite::{Sqlite, SqliteArguments};
 
-use super::{sqlx::BindCondition, SqlCondition};
+use super::SqlCondition;
 
 /// The SQL fragments of a SQLite table whose rows carry their own version: build them
 /// once at startup and `format!` them into the application's statements, as
@@ -330,32 +327,12 @@ fn json_list(list: Option<&[i64]>) -> Option<String> {
     })
 }
 
-impl<'q> BindCondition for Query<'q, Sqlite, SqliteArguments<'q>> {
-    fn bind_condition(self, condition: &SqlCondition) -> Self {
-        self.bind(json_list(condition.if_match()))
-            .bind(json_list(condition.if_none_match()))
-            .bind(condition.unmodified_since)
-            .bind(condition.may_replace)
-    }
-}
-
-impl<'q, O> BindCondition for QueryAs<'q, Sqlite, O, SqliteArguments<'q>> {
-    fn bind_condition(self, condition: &SqlCondition) -> Self {
-        self.bind(json_list(condition.if_match()))
-            .bind(json_list(condition.if_none_match()))
-            .bind(condition.unmodified_since)
-            .bind(condition.may_replace)
-    }
-}
-
-impl<'q, O> BindCondition for QueryScalar<'q, Sqlite, O, SqliteArguments<'q>> {
-    fn bind_condition(self, condition: &SqlCondition) -> Self {
-        self.bind(json_list(condition.if_match()))
-            .bind(json_list(condition.if_none_match()))
-            .bind(condition.unmodified_since)
-            .bind(condition.may_replace)
-    }
-}
+super::sqlx::impl_bind_condition!('q, Sqlite, SqliteArguments<'q>, |c: &SqlCondition| (
+    json_list(c.if_match()),
+    json_list(c.if_none_match()),
+    c.unmodified_since,
+    c.may_replace,
+));
 
 #[cfg(test)]
 mod tests {

@@ -80,39 +80,55 @@ where
     }
 }
 
-#[cfg(feature = "sqlx-postgres")]
-mod postgres {
-    use ::sqlx::{
-        postgres::{PgArguments, Postgres},
-        query::{Query, QueryAs, QueryScalar},
+/// Implements [`BindCondition`] for the three query kinds of one database (`Query`,
+/// `QueryAs`, `QueryScalar`): `$values` maps a condition to the four values that
+/// database binds, in the order its fragments number them.
+macro_rules! impl_bind_condition {
+    ($q:lifetime, $db:ty, $args:ty, $values:expr) => {
+        impl<$q> $crate::row_version::sqlx::BindCondition for ::sqlx::query::Query<$q, $db, $args> {
+            fn bind_condition(self, condition: &$crate::row_version::SqlCondition) -> Self {
+                let (if_match, if_none_match, since, may_replace) = ($values)(condition);
+                self.bind(if_match)
+                    .bind(if_none_match)
+                    .bind(since)
+                    .bind(may_replace)
+            }
+        }
+
+        impl<$q, O> $crate::row_version::sqlx::BindCondition
+            for ::sqlx::query::QueryAs<$q, $db, O, $args>
+        {
+            fn bind_condition(self, condition: &$crate::row_version::SqlCondition) -> Self {
+                let (if_match, if_none_match, since, may_replace) = ($values)(condition);
+                self.bind(if_match)
+                    .bind(if_none_match)
+                    .bind(since)
+                    .bind(may_replace)
+            }
+        }
+
+        impl<$q, O> $crate::row_version::sqlx::BindCondition
+            for ::sqlx::query::QueryScalar<$q, $db, O, $args>
+        {
+            fn bind_condition(self, condition: &$crate::row_version::SqlCondition) -> Self {
+                let (if_match, if_none_match, since, may_replace) = ($values)(condition);
+                self.bind(if_match)
+                    .bind(if_none_match)
+                    .bind(since)
+                    .bind(may_replace)
+            }
+        }
     };
-
-    use super::{BindCondition, SqlCondition};
-
-    impl<'q> BindCondition for Query<'q, Postgres, PgArguments> {
-        fn bind_condition(self, condition: &SqlCondition) -> Self {
-            self.bind(condition.if_match.clone())
-                .bind(condition.if_none_match.clone())
-                .bind(condition.unmodified_since)
-                .bind(condition.may_replace)
-        }
-    }
-
-    impl<'q, O> BindCondition for QueryAs<'q, Postgres, O, PgArguments> {
-        fn bind_condition(self, condition: &SqlCondition) -> Self {
-            self.bind(condition.if_match.clone())
-                .bind(condition.if_none_match.clone())
-                .bind(condition.unmodified_since)
-                .bind(condition.may_replace)
-        }
-    }
-
-    impl<'q, O> BindCondition for QueryScalar<'q, Postgres, O, PgArguments> {
-        fn bind_condition(self, condition: &SqlCondition) -> Self {
-            self.bind(condition.if_match.clone())
-                .bind(condition.if_none_match.clone())
-                .bind(condition.unmodified_since)
-                .bind(condition.may_replace)
-        }
-    }
 }
+// The MariaDB and SQLite modules implement theirs with it too.
+#[cfg(any(feature = "sqlx-mysql", feature = "sqlx-sqlite"))]
+pub(super) use impl_bind_condition;
+
+// Postgres binds the lists as `int8[]`.
+#[cfg(feature = "sqlx-postgres")]
+impl_bind_condition!('q, ::sqlx::postgres::Postgres, ::sqlx::postgres::PgArguments, |c: &SqlCondition| (
+    c.if_match.clone(),
+    c.if_none_match.clone(),
+    c.unmodified_since,
+    c.may_replace,
+));
