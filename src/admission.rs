@@ -12,12 +12,22 @@ use crate::{
     response::Problem,
 };
 
-/// How a layer derives the resource key from a request; `None` passes it through.
-pub(crate) type KeyFn = dyn Fn(&Parts) -> Option<String> + Send + Sync;
+/// How a layer derives the stored resource key from a request (already bounded by
+/// [`key::bounded_key`]); `None` passes the request through.
+pub(crate) type KeyFn = dyn Fn(&Parts) -> Option<Arc<str>> + Send + Sync;
 
-/// The default key: the canonical request path ([`key::canonical_path_key`]).
+/// The default key: the canonical request path ([`key::canonical_path_key`]), built
+/// with one allocation when the path is already canonical.
 pub(crate) fn path_key() -> Arc<KeyFn> {
-    Arc::new(key::canonical_path_key)
+    Arc::new(|parts: &Parts| Some(key::bounded_path_key(parts.uri.path())))
+}
+
+/// The key of an application's key function, bounded once here for every layer.
+pub(crate) fn custom_key<F>(key: F) -> Arc<KeyFn>
+where
+    F: Fn(&Parts) -> Option<String> + Send + Sync + 'static,
+{
+    Arc::new(move |parts: &Parts| key(parts).map(|k| Arc::from(key::bounded_key(k))))
 }
 
 /// Which writes a layer accepts without a precondition, and which preconditions count.
@@ -128,8 +138,6 @@ pub(crate) fn admit<B>(
     let Some(key) = key else {
         return Admission::Pass(request);
     };
-    // Bounded here, once for every store and both layers, so all see one key.
-    let key: Arc<str> = key::bounded_key(key).into();
     let method = request.method();
 
     let pre = match Preconditions::from_request(method, request.headers()) {

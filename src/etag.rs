@@ -37,7 +37,7 @@
 //! The work is bounded: a field longer than [`MAX_LIST_BYTES`] or with more than
 //! [`MAX_LIST_TAGS`] members is refused before anything is allocated for its members.
 
-use std::fmt;
+use std::{fmt, sync::Arc};
 
 use http::header::{HeaderMap, HeaderName, HeaderValue};
 
@@ -71,7 +71,9 @@ const MAX_CODINGS: usize = 4;
 pub struct EntityTag {
     weak: bool,
     /// The opaque part without quotes; every char is an `etagc` (obs-text mapped 1:1).
-    opaque: Box<str>,
+    /// Shared: a tag is cloned into stores, entries, reservations and responses, and a
+    /// clone must not allocate.
+    opaque: Arc<str>,
 }
 
 /// The error for a value that is not a valid entity tag.
@@ -103,13 +105,13 @@ fn is_etagc(byte: u8) -> bool {
     byte == 0x21 || (0x23..=0x7E).contains(&byte) || byte >= 0x80
 }
 
-fn opaque_from_bytes(bytes: &[u8]) -> Box<str> {
+fn opaque_from_bytes(bytes: &[u8]) -> Arc<str> {
+    if bytes.is_ascii() {
+        // The common case, and one allocation: ASCII bytes are their own UTF-8.
+        return Arc::from(std::str::from_utf8(bytes).expect("ASCII is UTF-8"));
+    }
     // Lossless: obs-text bytes become U+0080..=U+00FF.
-    bytes
-        .iter()
-        .map(|&b| char::from(b))
-        .collect::<String>()
-        .into_boxed_str()
+    Arc::from(bytes.iter().map(|&b| char::from(b)).collect::<String>())
 }
 
 impl EntityTag {
@@ -142,14 +144,22 @@ impl EntityTag {
     }
 
     /// A strong tag from an opaque value the caller built from `etagc` characters only,
-    /// taken as is: no validation pass and no copy (a generated tag on every write).
-    pub(crate) fn strong_from_valid(opaque: String) -> Self {
+    /// taken as is: no validation pass (a generated tag on every write).
+    pub(crate) fn strong_from_valid(opaque: &str) -> Self {
         debug_assert!(opaque
             .chars()
             .all(|c| u8::try_from(u32::from(c)).is_ok_and(is_etagc)));
         Self {
             weak: false,
-            opaque: opaque.into_boxed_str(),
+            opaque: Arc::from(opaque),
+        }
+    }
+
+    /// This tag made strong (the same opaque value), without copying it.
+    pub(crate) fn to_strong(&self) -> Self {
+        Self {
+            weak: false,
+            opaque: self.opaque.clone(),
         }
     }
 
@@ -238,7 +248,7 @@ impl EntityTag {
         opaque.push_str(&suffix);
         Some(Self {
             weak: self.weak,
-            opaque: opaque.into_boxed_str(),
+            opaque: Arc::from(opaque),
         })
     }
 

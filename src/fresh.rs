@@ -61,13 +61,13 @@ const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwx
 /// A fresh strong entity tag: 22 URL-safe characters of a unique 128-bit value.
 pub(crate) fn fresh_etag() -> EntityTag {
     let mut value = random_u128();
-    let mut text = String::with_capacity(22);
-    for _ in 0..22 {
-        text.push(char::from(ALPHABET[(value & 63) as usize]));
+    let mut text = [0u8; 22];
+    for byte in &mut text {
+        *byte = ALPHABET[(value & 63) as usize];
         value >>= 6;
     }
-    // Exact capacity, so the String becomes the tag's `Box<str>` without a copy.
-    EntityTag::strong_from_valid(text)
+    // Built on the stack: the tag's shared string is the one allocation.
+    EntityTag::strong_from_valid(std::str::from_utf8(&text).expect("the alphabet is ASCII"))
 }
 
 #[cfg(test)]

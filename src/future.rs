@@ -46,7 +46,7 @@ pin_project! {
     {
         #[pin]
         state: State<S, ReqBody, ResBody>,
-        ctx: Option<Box<Ctx>>,
+        ctx: Option<Ctx>,
         guard: Option<WriteGuard>,
     }
 }
@@ -60,7 +60,7 @@ pin_project! {
         Ready { response: Option<Response<ResponseBody<ResBody>>> },
         Passthrough { #[pin] future: S::Future },
         Loading {
-            load: BoxFuture<Result<Result<ReadStart, StoreError>, Early>>,
+            load: Load,
             inner: Option<S>,
             request: Option<Request<ReqBody>>,
         },
@@ -72,6 +72,13 @@ pin_project! {
         Writing { #[pin] future: S::Future, #[pin] deadline: Sleep },
         Finishing { finish: BoxFuture<Output<ResBody, S::Error>> },
     }
+}
+
+/// A read's store step: already answered (a store in the process, no access check),
+/// or a future to await.
+pub(crate) enum Load {
+    Ready(Option<Result<ReadStart, StoreError>>),
+    Pending(BoxFuture<Result<Result<ReadStart, StoreError>, Early>>),
 }
 
 /// What a request of ours carries from one state to the next.
@@ -105,7 +112,7 @@ where
     fn with_state(state: State<S, ReqBody, ResBody>, ctx: Option<Ctx>) -> Self {
         Self {
             state,
-            ctx: ctx.map(Box::new),
+            ctx,
             guard: None,
         }
     }
@@ -124,7 +131,7 @@ where
     }
 
     pub(crate) fn read(
-        load: BoxFuture<Result<Result<ReadStart, StoreError>, Early>>,
+        load: Load,
         inner: S,
         request: Request<ReqBody>,
         config: Arc<Config>,
@@ -204,16 +211,19 @@ where
                     inner,
                     request,
                 } => {
-                    let loaded = match ready!(load.as_mut().poll(cx)) {
-                        Ok(loaded) => loaded,
-                        Err(early) => {
-                            this.state.set(State::Ready {
-                                response: Some(early.into_response()),
-                            });
-                            continue;
-                        }
+                    let loaded = match load {
+                        Load::Ready(loaded) => loaded.take().expect("a read loads once"),
+                        Load::Pending(load) => match ready!(load.as_mut().poll(cx)) {
+                            Ok(loaded) => loaded,
+                            Err(early) => {
+                                this.state.set(State::Ready {
+                                    response: Some(early.into_response()),
+                                });
+                                continue;
+                            }
+                        },
                     };
-                    let ctx = this.ctx.as_deref().expect("read context");
+                    let ctx = this.ctx.as_ref().expect("read context");
                     let (mut inner, request) = take_pair(inner, request);
                     match read_step(ctx, loaded) {
                         ReadStep::Run(read) => State::Reading {
@@ -229,7 +239,7 @@ where
                     let response = ready!(future.poll(cx))?;
                     let ctx = this.ctx.take().expect("read context");
                     let read = read.take().expect("read state");
-                    finish_read(*ctx, read, response)
+                    finish_read(ctx, read, response)
                 }
 
                 StateProj::Preparing { prepare, inner } => {
@@ -257,9 +267,7 @@ where
                     let ctx = this.ctx.take().expect("write context");
                     let guard = this.guard.take().expect("write guard");
                     match future.poll(cx) {
-                        Poll::Ready(result) => State::Finishing {
-                            finish: Box::pin(finish_write(*ctx, guard, result)),
-                        },
+                        Poll::Ready(result) => finish_write(ctx, guard, result),
                         Poll::Pending => {
                             if deadline.poll(cx).is_pending() {
                                 *this.ctx = Some(ctx);
@@ -270,7 +278,7 @@ where
                             // cancels it; the outcome is unknown, so: a fresh version.
                             tracing::warn!(key = &*ctx.key, "handler missed its deadline (503)");
                             State::Finishing {
-                                finish: Box::pin(timed_out(*ctx, guard)),
+                                finish: Box::pin(timed_out(ctx, guard)),
                             }
                         }
                     }
@@ -463,12 +471,13 @@ pub(crate) fn strong_etag(headers: &HeaderMap, key: &str) -> Option<EntityTag> {
     tag
 }
 
-async fn finish_write<B, E>(
-    ctx: Ctx,
-    guard: WriteGuard,
-    result: Result<Response<B>, E>,
-) -> Output<B, E> {
-    let settlement = match &result {
+/// How a write whose handler answered `result` settles.
+fn settlement_of<B, E>(
+    ctx: &Ctx,
+    guard: &WriteGuard,
+    result: &Result<Response<B>, E>,
+) -> Settlement {
+    match result {
         Err(_) => Settlement::Unknown,
         // The body failed while the handler read it (streamed): whatever it answered,
         // it may have written part of it.
@@ -477,8 +486,46 @@ async fn finish_write<B, E>(
         Ok(r) if r.status().is_success() => Settlement::Commit(strong_etag(r.headers(), &ctx.key)),
         Ok(r) if r.status().is_client_error() => Settlement::Release,
         Ok(_) => Settlement::Unknown,
-    };
-    let settled = guard.settle(settlement).await;
+    }
+}
+
+/// Settles a write whose handler answered: at once when the store can (no future),
+/// otherwise in a boxed future.
+fn finish_write<S, ReqBody, ResBody>(
+    ctx: Ctx,
+    guard: WriteGuard,
+    result: Result<Response<ResBody>, S::Error>,
+) -> State<S, ReqBody, ResBody>
+where
+    S: Service<Request<ReqBody>, Response = Response<ResBody>>,
+    S::Error: Send + 'static,
+    ResBody: Send + 'static,
+{
+    let settlement = settlement_of(&ctx, &guard, &result);
+    match guard.settle_now(settlement) {
+        Ok(settled) => match respond_to_write(&ctx, settled, result) {
+            Ok(response) => State::Ready {
+                response: Some(response),
+            },
+            Err(error) => State::Finishing {
+                finish: Box::pin(async move { Err(error) }),
+            },
+        },
+        Err(pending) => State::Finishing {
+            finish: Box::pin(async move {
+                let settled = pending.finish().await;
+                respond_to_write(&ctx, settled, result)
+            }),
+        },
+    }
+}
+
+/// The response to a settled write.
+fn respond_to_write<B, E>(
+    ctx: &Ctx,
+    settled: Settled,
+    result: Result<Response<B>, E>,
+) -> Output<B, E> {
     let mut response = result?;
     let success = response.status().is_success();
     match settled {

@@ -121,6 +121,20 @@ pub fn canonical_path_key(parts: &Parts) -> Option<String> {
     Some(canonical_path(parts.uri.path()).into_owned())
 }
 
+/// `bounded_key(canonical_path(path))`, shared: one allocation for a path that is
+/// already canonical and short (the layers' default key, on every request).
+pub(crate) fn bounded_path_key(path: &str) -> std::sync::Arc<str> {
+    match canonical_path(path) {
+        Cow::Borrowed(path) if fits_unbounded(path) => std::sync::Arc::from(path),
+        other => std::sync::Arc::from(bounded_key(other.into_owned())),
+    }
+}
+
+/// Whether `key` is stored as it is (see [`bounded_key`]).
+fn fits_unbounded(key: &str) -> bool {
+    key.len() <= MAX_KEY_LEN && !key.contains(DIGEST_MARK)
+}
+
 /// The RFC 3986 section 6.2.2 normal form of a path (see the [module docs](self)):
 /// unreserved characters decoded, other percent-encodings in uppercase hex, dot
 /// segments removed, and bytes a path cannot hold raw percent-encoded.
@@ -220,7 +234,7 @@ fn match_route(route: &str, path: &str) -> Option<String> {
 /// assert_ne!(stored, bounded_key(format!("{long}y")));
 /// ```
 pub fn bounded_key(key: String) -> String {
-    if key.len() <= MAX_KEY_LEN && !key.contains(DIGEST_MARK) {
+    if fits_unbounded(&key) {
         return key;
     }
     let mut cut = DIGEST_PREFIX_LEN.min(key.len());

@@ -9,6 +9,7 @@ use crate::{
     access::{access_fn, AccessFn},
     admission::{self, KeyFn, PreconditionPolicy},
     clock::StoreClock,
+    entry_cache::EntryCache,
     request_body::RequestBodyConfig,
     service::PreconditionService,
     store::AtomicVersionStore,
@@ -37,7 +38,12 @@ pub(crate) struct Config {
     pub(crate) request_body: RequestBodyConfig,
     /// This layer's reading of the store's clock (leases are judged by it).
     pub(crate) clock: Arc<StoreClock>,
+    /// The entries this layer last saw, to start writes from (never to answer them).
+    pub(crate) entry_cache: Arc<EntryCache>,
 }
+
+/// How many entries a layer over a store across a connection remembers by default.
+pub(crate) const DEFAULT_ENTRY_CACHE: usize = 16_384;
 
 /// A [`Layer`] that evaluates HTTP preconditions (RFC 9110 section 13) and makes the
 /// precondition check and the write one atomic compare-and-set in a version store.
@@ -96,12 +102,18 @@ impl PreconditionLayer {
     /// | access check before preconditions ([`authorize`](Self::authorize)) | none |
     /// | current validators on a `412` | yes |
     /// | `Retry-After` on `409` / `503` | 1 s |
+    /// | [entries remembered](Self::entry_cache) to start writes from | 16 384, none for the memory store |
     pub fn new<S: AtomicVersionStore>(store: S) -> Self {
         Self::from_arc(Arc::new(store))
     }
 
     /// A layer over a shared store (several layers, or the app itself, may hold it).
     pub fn from_arc(store: Arc<dyn AtomicVersionStore>) -> Self {
+        let cache = if store.is_in_process() {
+            0
+        } else {
+            DEFAULT_ENTRY_CACHE
+        };
         Self {
             config: Config {
                 store,
@@ -118,6 +130,7 @@ impl PreconditionLayer {
                 access: None,
                 request_body: RequestBodyConfig::new(),
                 clock: Arc::default(),
+                entry_cache: Arc::new(EntryCache::new(cache)),
             },
         }
     }
@@ -152,7 +165,14 @@ impl PreconditionLayer {
     where
         F: Fn(&Parts) -> Option<String> + Send + Sync + 'static,
     {
-        self.config.key = Arc::new(key);
+        self.config.key = admission::custom_key(key);
+        self
+    }
+
+    /// A key function already bounded (the transactional layer's, for its reads).
+    #[cfg(feature = "postgres")]
+    pub(crate) fn with_key(mut self, key: Arc<KeyFn>) -> Self {
+        self.config.key = key;
         self
     }
 
@@ -304,6 +324,32 @@ impl PreconditionLayer {
     #[cfg(feature = "postgres")]
     pub(crate) fn with_access(mut self, access: Option<Arc<AccessFn>>) -> Self {
         self.config.access = access;
+        self
+    }
+
+    /// How many entries the layer remembers, to start a write's compare-and-set from
+    /// the entry it last saw instead of loading it first (`0`: load every time).
+    ///
+    /// A write to a store across a connection then takes two round trips (reserve,
+    /// settle) instead of three. The remembered entry is only ever a guess: a right
+    /// guess is confirmed by the compare-and-set applying, a wrong one costs one
+    /// mismatch, which answers with the entry actually stored, and a guess that would
+    /// refuse the write is never acted on (the layer loads and decides against the
+    /// store). No `412` or `409` is ever answered from memory, so the setting changes
+    /// round trips, never an answer.
+    ///
+    /// Default 16 384 entries (entries over 512 bytes of key and tag are not kept, so
+    /// at most about 11 MiB), none for a store that
+    /// [runs in the process](crate::store::AtomicVersionStore::is_in_process).
+    ///
+    /// ```
+    /// use tower_precondition::{MemoryStore, PreconditionLayer};
+    ///
+    /// let layer = PreconditionLayer::new(MemoryStore::new()).entry_cache(0);
+    /// # let _ = layer;
+    /// ```
+    pub fn entry_cache(mut self, capacity: usize) -> Self {
+        self.config.entry_cache = Arc::new(EntryCache::new(capacity));
         self
     }
 

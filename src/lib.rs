@@ -51,7 +51,7 @@
 //! | --- | --- | --- | --- |
 //! | [row version](row_version) ([`RowVersionLayer`](row_version::RowVersionLayer)) | the application's own write statement (`UPDATE ... WHERE id = $1 AND version = ANY($2)`), built with the crate's SQL fragments | data in Postgres (sqlx or tokio-postgres), MariaDB or SQLite (sqlx) whose rows can carry a version | one statement |
 //! | [transactional] (`PgTransactionalLayer`, feature `postgres`) | the layer, inside the transaction it hands the handler | data in the same Postgres, handlers that stay unconditional | one transaction |
-//! | store ([`PreconditionLayer`]) | an [`AtomicVersionStore`] (memory, Redis, Postgres, yours), around the handler | data anywhere | load, reserve, settle |
+//! | store ([`PreconditionLayer`]) | an [`AtomicVersionStore`] (memory, Redis, Postgres, yours), around the handler | data anywhere | reserve, settle (a load first when the layer has not seen the entry, or a guess fails) |
 //!
 //! The rest of this page is about the store mode; the [`row_version`] module shows the
 //! fastest one.
@@ -64,7 +64,11 @@
 //! 1. **Reserve.** The preconditions are evaluated against the resource's current entry
 //!    and, in the same compare-and-set, a lease (a random token and an expiry on the
 //!    *store's* clock) is put on it. A write that finds a live lease gets `409`; a
-//!    failed precondition gets `412`.
+//!    failed precondition gets `412`. The compare-and-set expects the entry this
+//!    layer last saw for the key (a bounded cache; [`PreconditionLayer::entry_cache`]),
+//!    which saves loading it first: a right guess is confirmed by the compare-and-set
+//!    applying, a wrong one answers with the real entry, and a guess that would refuse
+//!    the write is checked by a load before any `412` or `409`.
 //! 2. **Run** the handler, which finds a [`Reservation`] in the request extensions.
 //! 3. **Settle** with one compare-and-set that must still find our lease: a `2xx`
 //!    commits a new version (the handler's strong `ETag` if it set one), a `4xx`
@@ -165,6 +169,7 @@ mod access;
 mod admission;
 mod body;
 mod clock;
+mod entry_cache;
 pub mod etag;
 pub mod evaluate;
 mod fresh;

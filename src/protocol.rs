@@ -18,6 +18,7 @@ use tokio::time::Instant;
 
 use crate::{
     clock::{far_future, millis},
+    entry_cache::EntryCache,
     etag::{EntityTag, TagList},
     evaluate::{evaluate, Decision, Preconditions},
     fresh::fresh_etag,
@@ -135,6 +136,7 @@ enum OnDrop {
 /// itself (in a spawned task) so that no outcome goes unrecorded.
 pub(crate) struct WriteGuard {
     store: Arc<dyn AtomicVersionStore>,
+    cache: Arc<EntryCache>,
     key: Arc<str>,
     /// The entry the reserve expected to find.
     before: Option<Entry>,
@@ -202,22 +204,67 @@ impl WriteGuard {
     }
 
     /// Settles the write: one compare-and-set that must still find our lease.
-    pub(crate) async fn settle(mut self, settlement: Settlement) -> Settled {
+    pub(crate) async fn settle(self, settlement: Settlement) -> Settled {
         let outcome_name = settlement.name();
         let new = self.new_entry(settlement);
-        let attempt = || {
-            store_call(
-                self.store_timeout,
-                self.store
-                    .compare_and_set(&self.key, Some(&self.reserved), new.as_ref()),
-            )
-        };
-        let mut outcome = attempt().await;
+        let outcome = self.attempt_settle(new.as_ref()).await;
+        self.settled(outcome_name, new, outcome).await
+    }
+
+    /// [`settle`](Self::settle) without a future, when the store answers at once and
+    /// the settle applies (the common case on a store in the process). Otherwise what
+    /// is left to do, which the caller must finish with [`PendingSettle::finish`].
+    pub(crate) fn settle_now(
+        mut self,
+        settlement: Settlement,
+    ) -> Result<Settled, Box<PendingSettle>> {
+        let outcome_name = settlement.name();
+        let new = self.new_entry(settlement);
+        let answer = self
+            .store
+            .compare_and_set_now(&self.key, Some(&self.reserved), new.as_ref());
+        match answer {
+            Some(Ok(CasOutcome::Applied)) => {
+                self.on_drop = OnDrop::Nothing;
+                tracing::debug!(key = &*self.key, outcome = outcome_name, "write settled");
+                self.cache.remember(&self.key, new.as_ref());
+                Ok(Settled::Applied(new.and_then(Entry::into_version)))
+            }
+            // Boxed: the slow path, which boxes its future anyway.
+            first => Err(Box::new(PendingSettle {
+                guard: self,
+                outcome_name,
+                new,
+                first,
+            })),
+        }
+    }
+
+    fn attempt_settle<'a>(
+        &'a self,
+        new: Option<&'a Entry>,
+    ) -> impl Future<Output = Result<CasOutcome, StoreError>> + 'a {
+        swap_entry(
+            self.store.as_ref(),
+            self.store_timeout,
+            &self.key,
+            Some(&self.reserved),
+            new,
+        )
+    }
+
+    /// What the settle's first answer leads to.
+    async fn settled(
+        mut self,
+        outcome_name: &'static str,
+        new: Option<Entry>,
+        mut outcome: Result<CasOutcome, StoreError>,
+    ) -> Settled {
         if let Err(error) = &outcome {
             // Safe to resend: were the first attempt applied and only its answer lost,
             // the store finds `new` already in place and reports it applied (replay).
             tracing::debug!(key = &*self.key, %error, "settle failed; retrying once");
-            outcome = attempt().await;
+            outcome = self.attempt_settle(new.as_ref()).await;
         }
         // Settled, taken over, or left to expire and be taken over: in every case
         // there is nothing left for the drop handler to do.
@@ -226,9 +273,11 @@ impl WriteGuard {
         match outcome {
             Ok(CasOutcome::Applied) => {
                 tracing::debug!(key, outcome = outcome_name, "write settled");
+                self.cache.remember(&self.key, new.as_ref());
                 Settled::Applied(new.and_then(Entry::into_version))
             }
             Ok(CasOutcome::Mismatch { current }) => {
+                self.cache.forget(&self.key);
                 tracing::error!(
                     key,
                     outcome = outcome_name,
@@ -239,6 +288,7 @@ impl WriteGuard {
                 Settled::LeaseLost
             }
             Err(error) => {
+                self.cache.forget(&self.key);
                 tracing::error!(key, outcome = outcome_name, %error,
                     "could not settle the write; the lease will expire and be taken over");
                 Settled::Unknown
@@ -255,10 +305,12 @@ impl WriteGuard {
             return;
         }
         let fresh = unknown_outcome_base(found.version()).map(Entry::committed);
-        let result = store_call(
+        let result = swap_entry(
+            self.store.as_ref(),
             self.store_timeout,
-            self.store
-                .compare_and_set(&self.key, Some(&found), fresh.as_ref()),
+            &self.key,
+            Some(&found),
+            fresh.as_ref(),
         )
         .await;
         if let Ok(CasOutcome::Applied) = result {
@@ -276,6 +328,7 @@ impl Drop for WriteGuard {
             OnDrop::Unknown => Settlement::Unknown,
         };
         let outcome_name = settlement.name();
+        self.cache.forget(&self.key);
         // An unanswered reserve is undone into a *fence*: the old version with a release
         // marker, an entry no earlier call can expect. A plain release would equal the
         // entry before the reserve, so a release landing first would pass for a replay
@@ -310,9 +363,12 @@ impl Drop for WriteGuard {
                 let store = store.clone();
                 let key = key.clone();
                 async move {
-                    store_call(
+                    swap_entry(
+                        store.as_ref(),
                         timeout,
-                        store.compare_and_set(&key, expected.as_ref(), new.as_ref()),
+                        &key,
+                        expected.as_ref(),
+                        new.as_ref(),
                     )
                     .await
                 }
@@ -332,6 +388,33 @@ impl Drop for WriteGuard {
     }
 }
 
+/// A settle that [`WriteGuard::settle_now`] could not finish at once.
+pub(crate) struct PendingSettle {
+    guard: WriteGuard,
+    outcome_name: &'static str,
+    new: Option<Entry>,
+    /// The store's immediate answer, if it gave one (a mismatch or an error).
+    first: Option<Result<CasOutcome, StoreError>>,
+}
+
+impl PendingSettle {
+    /// Finishes the settle: the first attempt if the store gave no immediate answer,
+    /// then whatever its answer calls for.
+    pub(crate) async fn finish(self: Box<Self>) -> Settled {
+        let Self {
+            guard,
+            outcome_name,
+            new,
+            first,
+        } = *self;
+        let outcome = match first {
+            Some(outcome) => outcome,
+            None => guard.attempt_settle(new.as_ref()).await,
+        };
+        guard.settled(outcome_name, new, outcome).await
+    }
+}
+
 /// A future bounded by `timeout`.
 #[cfg(feature = "postgres")]
 pub(crate) async fn with_timeout<T>(
@@ -346,6 +429,34 @@ pub(crate) async fn with_timeout<T>(
 
 fn timed_out(timeout: Duration) -> StoreError {
     StoreError::timeout(format!("no answer within {} ms", timeout.as_millis()))
+}
+
+/// `store.load(key)`, bounded by `timeout`; answered without a boxed future by a store
+/// that can answer at once ([`AtomicVersionStore::load_now`]).
+pub(crate) async fn load_entry(
+    store: &dyn AtomicVersionStore,
+    timeout: Duration,
+    key: &str,
+) -> Result<Option<Entry>, StoreError> {
+    match store.load_now(key) {
+        Some(answer) => answer,
+        None => store_call(timeout, store.load(key)).await,
+    }
+}
+
+/// `store.compare_and_set(key, expected, new)`, bounded by `timeout`; answered without a
+/// boxed future by a store that can ([`AtomicVersionStore::compare_and_set_now`]).
+pub(crate) async fn swap_entry(
+    store: &dyn AtomicVersionStore,
+    timeout: Duration,
+    key: &str,
+    expected: Option<&Entry>,
+    new: Option<&Entry>,
+) -> Result<CasOutcome, StoreError> {
+    match store.compare_and_set_now(key, expected, new) {
+        Some(answer) => answer,
+        None => store_call(timeout, store.compare_and_set(key, expected, new)).await,
+    }
 }
 
 /// A store call bounded by `timeout`, with no timer armed if it answers at once.
@@ -445,19 +556,48 @@ pub(crate) async fn reserve(
         tracing::warn!(key = &*key, %error, "version store failed; refusing the write (503)");
         Problem::store_unavailable(config.retry_after)
     };
-    let store = &config.store;
+    // `&dyn`, not `&Arc<dyn>`: `Arc`'s forwarding impl would box every call twice.
+    let store: &dyn AtomicVersionStore = &*config.store;
     let clock = config
         .clock
-        .now(&**store, config.store_timeout)
+        .now(store, config.store_timeout)
         .await
         .map_err(store_failed)?;
-    let mut current = store_call(config.store_timeout, store.load(&key))
-        .await
-        .map_err(store_failed)?;
+    let cache = &config.entry_cache;
+    let load = || async {
+        let loaded = load_entry(store, config.store_timeout, &key)
+            .await
+            .map_err(store_failed)?;
+        cache.remember(&key, loaded.as_ref());
+        Ok::<_, Problem>(loaded)
+    };
+    // With a cache, the first compare-and-set expects the entry last seen (or none, for
+    // a key not remembered): a right guess saves the load, a wrong one costs the
+    // mismatch that the load would have cost. `confirmed` says whether `current` came
+    // from the store (a load, or a mismatch's answer) rather than from memory.
+    let mut confirmed = !cache.is_enabled();
+    let mut current = if confirmed {
+        load().await?
+    } else {
+        cache.get(&key)
+    };
 
-    for _ in 0..config.max_reserve_attempts {
+    let mut attempts = 0;
+    while attempts < config.max_reserve_attempts {
+        // A guess that misses is not an attempt: it only replaces the load.
+        attempts += u32::from(confirmed);
         let now_millis = clock.millis();
-        let Some((base, takeover)) = write_base(current.as_ref(), now_millis) else {
+        let verdict = write_base(current.as_ref(), now_millis);
+        let proceeds = verdict
+            .as_ref()
+            .is_some_and(|(base, _)| evaluate(&method, &pre, base.as_ref()) == Decision::Proceed);
+        if !proceeds && !confirmed {
+            // Never refuse on a guess: ask the store, and decide against its answer.
+            current = load().await?;
+            confirmed = true;
+            continue;
+        }
+        let Some((base, takeover)) = verdict else {
             tracing::info!(
                 key = &*key,
                 "write refused: another write is in flight (409)"
@@ -465,20 +605,24 @@ pub(crate) async fn reserve(
             return Err(Problem::write_in_flight(config.retry_after));
         };
 
-        if evaluate(&method, &pre, base.as_ref()) != Decision::Proceed {
+        if !proceeds {
             if takeover {
                 // Record the takeover even though this request fails, so the expired
                 // lease is cleared and the 412 carries the real current tag.
                 let cleared = base.clone().map(Entry::committed);
-                match store_call(
+                match swap_entry(
+                    store,
                     config.store_timeout,
-                    store.compare_and_set(&key, current.as_ref(), cleared.as_ref()),
+                    &key,
+                    current.as_ref(),
+                    cleared.as_ref(),
                 )
                 .await
                 .map_err(store_failed)?
                 {
-                    CasOutcome::Applied => {}
+                    CasOutcome::Applied => cache.remember(&key, cleared.as_ref()),
                     CasOutcome::Mismatch { current: found } => {
+                        cache.remember(&key, found.as_ref());
                         current = found;
                         continue;
                     }
@@ -508,7 +652,8 @@ pub(crate) async fn reserve(
             || (matches!(pre.if_none_match, Some(TagList::Any))
                 && base.as_ref().is_some_and(Version::is_seeded));
         let mut guard = WriteGuard {
-            store: store.clone(),
+            store: config.store.clone(),
+            cache: cache.clone(),
             key: key.clone(),
             before: current.clone(),
             reserved,
@@ -520,9 +665,12 @@ pub(crate) async fn reserve(
             on_drop: OnDrop::Unreserve,
             body_failed: None,
         };
-        let outcome = store_call(
+        let outcome = swap_entry(
+            store,
             config.store_timeout,
-            store.compare_and_set(&key, current.as_ref(), Some(&guard.reserved)),
+            &key,
+            current.as_ref(),
+            Some(&guard.reserved),
         )
         .await;
         match outcome {
@@ -537,7 +685,9 @@ pub(crate) async fn reserve(
             }
             Ok(CasOutcome::Mismatch { current: found }) => {
                 guard.on_drop = OnDrop::Nothing;
+                cache.remember(&key, found.as_ref());
                 current = found;
+                confirmed = true;
             }
             Err(error) => {
                 // The lease may or may not have land, or land later; the guard's drop
@@ -572,16 +722,21 @@ pub(crate) struct ReadStart {
 ///   until a write replaces it. Seeding after the handler would let a `DELETE` that ran
 ///   in between leave its pre-delete body labelled with a version that still matches.
 ///   If the handler does not answer `2xx`, the seed is undone.
-pub(crate) async fn load_for_read(config: &Config, key: &str) -> Result<ReadStart, StoreError> {
-    let store = &config.store;
-    let mut current = store_call(config.store_timeout, store.load(key)).await?;
+pub(crate) async fn load_for_read(
+    config: &Config,
+    key: &Arc<str>,
+) -> Result<ReadStart, StoreError> {
+    let store: &dyn AtomicVersionStore = &*config.store;
+    let cache = &config.entry_cache;
+    let mut current = load_entry(store, config.store_timeout, key).await?;
+    cache.remember(key, current.as_ref());
     let mut clock = None;
     for _ in 0..config.max_reserve_attempts {
         let has_lease = current.as_ref().and_then(Entry::write_lease).is_some();
         let now_millis = if has_lease {
             let now = match clock {
                 Some(now) => now,
-                None => *clock.insert(config.clock.now(&**store, config.store_timeout).await?),
+                None => *clock.insert(config.clock.now(store, config.store_timeout).await?),
             };
             now.millis()
         } else {
@@ -606,24 +761,32 @@ pub(crate) async fn load_for_read(config: &Config, key: &str) -> Result<ReadStar
             .and_then(Entry::version)
             .is_some_and(Version::is_seeded)
             && current.as_ref().and_then(Entry::version).is_none();
-        let outcome = store_call(
+        let outcome = swap_entry(
+            store,
             config.store_timeout,
-            store.compare_and_set(key, current.as_ref(), next.as_ref()),
+            key,
+            current.as_ref(),
+            next.as_ref(),
         )
         .await?;
         match outcome {
             CasOutcome::Applied if seeding => {
-                tracing::debug!(key, "version seeded by a read");
+                tracing::debug!(key = &**key, "version seeded by a read");
+                cache.remember(key, next.as_ref());
                 return Ok(ReadStart {
                     entry: next,
                     seeded_over: Some(current),
                 });
             }
             CasOutcome::Applied => {
-                tracing::info!(key, "expired lease taken over by a read");
+                tracing::info!(key = &**key, "expired lease taken over by a read");
+                cache.remember(key, next.as_ref());
                 current = next;
             }
-            CasOutcome::Mismatch { current: found } => current = found,
+            CasOutcome::Mismatch { current: found } => {
+                cache.remember(key, found.as_ref());
+                current = found;
+            }
         }
     }
     // Still contended: serve the read without validators rather than guess.
@@ -632,18 +795,62 @@ pub(crate) async fn load_for_read(config: &Config, key: &str) -> Result<ReadStar
     ))
 }
 
+/// A read's store step answered at once, when it can be: no access check to wait for,
+/// a store that answers without waiting, and an entry with nothing to settle (a
+/// version, no write in flight), which is what [`load_for_read`] would answer. `None`:
+/// take the async path (which loads again; for a store in the process that is cheap).
+pub(crate) fn read_start_now<C>(
+    config: &Config,
+    key: &Arc<str>,
+    access_check: &Option<C>,
+) -> Option<Result<ReadStart, StoreError>> {
+    if access_check.is_some() {
+        return None;
+    }
+    let entry = match config.store.load_now(key)? {
+        Ok(entry) => entry,
+        Err(error) => return Some(Err(error)),
+    };
+    let settled = entry
+        .as_ref()
+        .is_some_and(|e| e.version().is_some() && e.write_lease().is_none());
+    if !settled {
+        return None;
+    }
+    config.entry_cache.remember(key, entry.as_ref());
+    Some(Ok(ReadStart {
+        entry,
+        seeded_over: None,
+    }))
+}
+
 /// Puts back what a seed replaced, after a read whose handler did not answer `2xx`:
 /// a version no one was given must not stay behind for a resource that may not exist.
-pub(crate) async fn undo_seed(config: &Config, key: &str, seeded: &Entry, before: Option<&Entry>) {
-    let result = store_call(
+pub(crate) async fn undo_seed(
+    config: &Config,
+    key: &Arc<str>,
+    seeded: &Entry,
+    before: Option<&Entry>,
+) {
+    let result = swap_entry(
+        config.store.as_ref(),
         config.store_timeout,
-        config.store.compare_and_set(key, Some(seeded), before),
+        key,
+        Some(seeded),
+        before,
     )
     .await;
+    let key_name = &**key;
     match result {
-        Ok(CasOutcome::Applied) => tracing::debug!(key, "seed undone: the read was not 2xx"),
-        Ok(CasOutcome::Mismatch { .. }) => {}
-        Err(error) => tracing::warn!(key, %error, "could not undo a seed"),
+        Ok(CasOutcome::Applied) => {
+            config.entry_cache.remember(key, before);
+            tracing::debug!(key = key_name, "seed undone: the read was not 2xx");
+        }
+        Ok(CasOutcome::Mismatch { current }) => config.entry_cache.remember(key, current.as_ref()),
+        Err(error) => {
+            config.entry_cache.forget(key);
+            tracing::warn!(key = key_name, %error, "could not undo a seed");
+        }
     }
 }
 
@@ -654,7 +861,7 @@ pub(crate) async fn undo_seed(config: &Config, key: &str, seeded: &Entry, before
 /// without validators).
 pub(crate) async fn adopt_handler_tag(
     config: &Config,
-    key: &str,
+    key: &Arc<str>,
     entry: &Entry,
     etag: EntityTag,
 ) -> Option<Version> {
@@ -662,19 +869,31 @@ pub(crate) async fn adopt_handler_tag(
     let adopted =
         Version::successor(Some(old), etag, SystemTime::now())?.with_seeded(old.is_seeded());
     let new = Entry::committed(adopted.clone());
-    let result = store_call(
+    let result = swap_entry(
+        config.store.as_ref(),
         config.store_timeout,
-        config.store.compare_and_set(key, Some(entry), Some(&new)),
+        key,
+        Some(entry),
+        Some(&new),
     )
     .await;
+    let cache = &config.entry_cache;
     match result {
         Ok(CasOutcome::Applied) => {
-            tracing::info!(key, "the handler's own ETag replaced the stored version");
+            cache.remember(key, Some(&new));
+            tracing::info!(
+                key = &**key,
+                "the handler's own ETag replaced the stored version"
+            );
             Some(adopted)
         }
-        Ok(CasOutcome::Mismatch { .. }) => None,
+        Ok(CasOutcome::Mismatch { current }) => {
+            cache.remember(key, current.as_ref());
+            None
+        }
         Err(error) => {
-            tracing::warn!(key, %error, "could not adopt the handler's ETag");
+            cache.forget(key);
+            tracing::warn!(key = &**key, %error, "could not adopt the handler's ETag");
             None
         }
     }

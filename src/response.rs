@@ -71,7 +71,7 @@ pub(crate) fn set_not_modified_validators(
         .if_none_match
         .as_ref()
         .and_then(|list| list.weak_matching(version.etag()))
-        .and_then(|tag| EntityTag::strong(tag.opaque()).ok());
+        .map(EntityTag::to_strong);
     match named {
         Some(tag) => {
             if tag.opaque() != version.etag().opaque() {

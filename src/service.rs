@@ -12,7 +12,7 @@ use crate::{
     access,
     admission::{admit, Admission},
     body::ResponseBody,
-    future::ResponseFuture,
+    future::{Load, ResponseFuture},
     layer::Config,
     protocol,
     request_body::{BufferableBody, WatchFlag},
@@ -100,15 +100,18 @@ where
         let inner = std::mem::replace(&mut self.inner, clone);
         let config = self.config.clone();
         if read {
-            let load = {
-                let config = config.clone();
-                let key = key.clone();
-                async move {
-                    access::passed(check).await?;
-                    Ok(protocol::load_for_read(&config, &key).await)
+            let load = match protocol::read_start_now(&config, &key, &check) {
+                Some(start) => Load::Ready(Some(start)),
+                None => {
+                    let config = config.clone();
+                    let key = key.clone();
+                    Load::Pending(Box::pin(async move {
+                        access::passed(check).await?;
+                        Ok(protocol::load_for_read(&config, &key).await)
+                    }))
                 }
             };
-            ResponseFuture::read(Box::pin(load), inner, request, config, key, method, pre)
+            ResponseFuture::read(load, inner, request, config, key, method, pre)
         } else {
             let prepare = {
                 let config = config.clone();

@@ -26,7 +26,7 @@
 //! | --- | --- | --- |
 //! | row version (this) | the data is in a SQL database and its rows can carry a version column | **one statement** (plus one read when a precondition fails, for the `412`'s validators) |
 //! | [transactional](crate::transactional) | the data is in the same Postgres, but the handler must stay unconditional (or writes several tables) | one transaction: `BEGIN`, the version row lock, the handler's statements, the version update, `COMMIT` |
-//! | [store](crate::PreconditionLayer) | the data is anywhere else (files, other services, a legacy handler) | load, reserve, the handler, settle: three store calls around it |
+//! | [store](crate::PreconditionLayer) | the data is anywhere else (files, other services, a legacy handler) | reserve, the handler, settle: two store calls around it (three when the layer must load the entry first) |
 //!
 //! Row version is exact and the fastest: nothing can be lost between a check and a
 //! write that are the same statement, a crash leaves the database's answer, and there

@@ -47,7 +47,7 @@ impl RowVersion {
     ///
     /// The entity tag is the decimal number, quoted: `"42"`.
     pub fn from_columns(version: i64, modified_micros: Option<i64>) -> Self {
-        let tag = EntityTag::strong_from_valid(version.to_string());
+        let tag = EntityTag::strong_from_valid(&version.to_string());
         let mut row = Self::with_tag(tag, modified_micros);
         row.counter = Some(version);
         row
@@ -142,7 +142,7 @@ pub(crate) fn counter_named_by(tag: &EntityTag, weak: bool) -> Option<i64> {
         .map_or(opaque.len(), |(i, _)| i);
     let number: i64 = opaque[..digits_end].parse().ok()?;
     // Only the canonical spelling (`"042"` is not `"42"`): the comparison is strong.
-    let canonical = EntityTag::strong_from_valid(number.to_string());
+    let canonical = EntityTag::strong_from_valid(&number.to_string());
     tag.names_version(&canonical).then_some(number)
 }
 

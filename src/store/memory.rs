@@ -124,13 +124,12 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
         .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
-#[async_trait::async_trait]
-impl AtomicVersionStore for MemoryStore {
-    async fn load(&self, key: &str) -> Result<Option<Entry>, StoreError> {
+impl MemoryStore {
+    fn get(&self, key: &str) -> Result<Option<Entry>, StoreError> {
         Ok(self.shard(key).get(key).cloned())
     }
 
-    async fn compare_and_set(
+    fn swap(
         &self,
         key: &str,
         expected: Option<&Entry>,
@@ -171,9 +170,42 @@ impl AtomicVersionStore for MemoryStore {
         }
         Ok(CasOutcome::Applied)
     }
+}
+
+#[async_trait::async_trait]
+impl AtomicVersionStore for MemoryStore {
+    async fn load(&self, key: &str) -> Result<Option<Entry>, StoreError> {
+        self.get(key)
+    }
+
+    async fn compare_and_set(
+        &self,
+        key: &str,
+        expected: Option<&Entry>,
+        new: Option<&Entry>,
+    ) -> Result<CasOutcome, StoreError> {
+        self.swap(key, expected, new)
+    }
 
     async fn clock_millis(&self) -> Result<u64, StoreError> {
         Ok(self.now_millis())
+    }
+
+    fn is_in_process(&self) -> bool {
+        true
+    }
+
+    fn load_now(&self, key: &str) -> Option<Result<Option<Entry>, StoreError>> {
+        Some(self.get(key))
+    }
+
+    fn compare_and_set_now(
+        &self,
+        key: &str,
+        expected: Option<&Entry>,
+        new: Option<&Entry>,
+    ) -> Option<Result<CasOutcome, StoreError>> {
+        Some(self.swap(key, expected, new))
     }
 }
 

@@ -486,6 +486,42 @@ pub trait AtomicVersionStore: Send + Sync + 'static {
         expected: Option<&Entry>,
         new: Option<&Entry>,
     ) -> Result<CasOutcome, StoreError>;
+
+    /// Whether a call never leaves the process (the memory store): `false`, the
+    /// default, for any store reached over a connection.
+    ///
+    /// The layer uses it only to choose a default. For a store across a connection it
+    /// remembers the entries it last saw (a bounded cache, see
+    /// [`PreconditionLayer::entry_cache`](crate::PreconditionLayer::entry_cache)) and
+    /// starts a write's compare-and-set from that guess instead of loading first: two
+    /// round trips per write instead of three. For a store in the process a load costs
+    /// less than the cache would.
+    fn is_in_process(&self) -> bool {
+        false
+    }
+
+    /// [`load`](Self::load) answered without waiting, for a store that can (one in the
+    /// process): `None`, the default, means "await `load`". When it answers, it must
+    /// answer exactly what `load` would. The layer asks it first and so saves the boxed
+    /// future of the async call (an allocation per store call).
+    fn load_now(&self, key: &str) -> Option<Result<Option<Entry>, StoreError>> {
+        let _ = key;
+        None
+    }
+
+    /// [`compare_and_set`](Self::compare_and_set) answered without waiting, for a
+    /// store that can; `None`, the default, means "await `compare_and_set`". When it
+    /// answers, it must have done exactly what `compare_and_set` would (one atomic
+    /// step, the same contract).
+    fn compare_and_set_now(
+        &self,
+        key: &str,
+        expected: Option<&Entry>,
+        new: Option<&Entry>,
+    ) -> Option<Result<CasOutcome, StoreError>> {
+        let _ = (key, expected, new);
+        None
+    }
 }
 
 #[async_trait::async_trait]
@@ -505,6 +541,23 @@ impl<T: AtomicVersionStore + ?Sized> AtomicVersionStore for Arc<T> {
         new: Option<&Entry>,
     ) -> Result<CasOutcome, StoreError> {
         (**self).compare_and_set(key, expected, new).await
+    }
+
+    fn is_in_process(&self) -> bool {
+        (**self).is_in_process()
+    }
+
+    fn load_now(&self, key: &str) -> Option<Result<Option<Entry>, StoreError>> {
+        (**self).load_now(key)
+    }
+
+    fn compare_and_set_now(
+        &self,
+        key: &str,
+        expected: Option<&Entry>,
+        new: Option<&Entry>,
+    ) -> Option<Result<CasOutcome, StoreError>> {
+        (**self).compare_and_set_now(key, expected, new)
     }
 }
 

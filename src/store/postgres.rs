@@ -145,7 +145,8 @@
 //! | --- | --- |
 //! | read of a versioned resource | 1 (`SELECT`) |
 //! | read that gives a resource its first version | 2 (`SELECT`, `INSERT`) |
-//! | write (reserve, then settle) | 3 (`SELECT`, `UPDATE`, `UPDATE`), each its own commit |
+//! | write (reserve, then settle) of an entry this process saw last, or of a new key | 2 (`UPDATE` or `INSERT`, `UPDATE`), each its own commit |
+//! | write of an entry another process changed since | one more: the reserve that mismatches, or a `SELECT` first |
 //!
 //! [`connect`]: PostgresStore::connect
 

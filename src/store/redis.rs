@@ -34,8 +34,9 @@
 //! | --- | --- |
 //! | read of a versioned resource | 1 (`HGETALL`) |
 //! | read that gives a resource its first version | 2 (`HGETALL`, `EVALSHA`) |
-//! | write (reserve, then settle) | 3 (`HGETALL`, `EVALSHA`, `EVALSHA`) |
-//! | write refused with `412` / `409` | 1 (`HGETALL`) |
+//! | write (reserve, then settle) of an entry this process saw last, or of a new key | 2 (`EVALSHA`, `EVALSHA`) |
+//! | write of an entry another process changed since | 3 (`EVALSHA` that mismatches, `EVALSHA`, `EVALSHA`), or `HGETALL` first when what this process saw would refuse it |
+//! | write refused with `412` / `409` | 1 (`HGETALL`; or the reserve's mismatch, which answers with the entry) |
 //! | a request that finds an expired lease | 1 more (`EVALSHA`: the takeover) |
 //! | the layer's clock sample, at most once a second per process | 1 (`EVALSHA`) |
 //!

@@ -166,7 +166,7 @@ impl PgTransactionalLayer {
     where
         F: Fn(&Parts) -> Option<String> + Send + Sync + 'static,
     {
-        self.config.key = Arc::new(key);
+        self.config.key = admission::custom_key(key);
         self
     }
 
@@ -313,7 +313,7 @@ impl PgTransactionalLayer {
     fn reads(&self) -> PreconditionLayer {
         let key = self.config.key.clone();
         PreconditionLayer::new(self.config.store.clone())
-            .key_fn(move |parts| key(parts))
+            .with_key(key)
             .write_methods([])
             .store_timeout(self.config.store_timeout)
             .short_circuit_reads(self.config.short_circuit_reads)
