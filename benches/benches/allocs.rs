@@ -68,9 +68,7 @@ async fn handler(_request: Request<Full<Bytes>>) -> Result<Response<Full<Bytes>>
 
 /// A JSON handler as axum's `Json` writes one: a `Content-Type`, so the response's
 /// header map exists before the layer adds its validators.
-async fn json_handler(
-    _request: Request<Full<Bytes>>,
-) -> Result<Response<Full<Bytes>>, Infallible> {
+async fn json_handler(_request: Request<Full<Bytes>>) -> Result<Response<Full<Bytes>>, Infallible> {
     let mut response = Response::new(Full::new(Bytes::from_static(BODY)));
     response.headers_mut().insert(
         header::CONTENT_TYPE,
@@ -130,7 +128,10 @@ where
         let mut response = ready.call(request(sent)).await.expect("infallible");
         assert_eq!(response.status(), expect);
         if follow_etag {
-            etag = response.headers_mut().remove(header::ETAG).expect("an ETag");
+            etag = response
+                .headers_mut()
+                .remove(header::ETAG)
+                .expect("an ETag");
         }
         black_box(response);
     }

@@ -163,6 +163,10 @@ fn app<C>(store: RedisStore<C>) -> Router
 where
     C: ConnectionLike + Clone + Send + Sync + 'static,
 {
+    app_with(PreconditionLayer::new(store))
+}
+
+fn app_with(layer: PreconditionLayer) -> Router {
     Router::new()
         .route(
             "/items/{id}",
@@ -170,7 +174,7 @@ where
                 .put(|| async { StatusCode::NO_CONTENT })
                 .delete(|| async { StatusCode::NO_CONTENT }),
         )
-        .layer(PreconditionLayer::new(store))
+        .layer(layer)
 }
 
 async fn send(app: &Router, method: &str, uri: &str, headers: &[(&str, &str)]) -> (u16, String) {
@@ -348,6 +352,8 @@ fn main() {
         }
 
         let app = app(store.clone());
+        // The same layer loading every entry before its reserve, as before the cache.
+        let uncached = app_with(PreconditionLayer::new(store.clone()).entry_cache(0));
 
         // The same script, the same shape of call (compare a committed entry, write
         // it), on 1000 prepared keys, as redis-benchmark will send it.
@@ -377,22 +383,27 @@ fn main() {
         println!("\n## Throughput, {concurrency} concurrent clients, one machine\n");
         println!(
             "| round | PUT via layer | EVALSHA, redis-benchmark | ratio \
-             | GET via layer | HGETALL, redis-benchmark | ratio |"
+             | PUT, no entry cache | ratio | GET via layer | HGETALL, redis-benchmark | ratio |"
         );
-        println!("| --- | --- | --- | --- | --- | --- | --- |");
+        println!("| --- | --- | --- | --- | --- | --- | --- | --- | --- |");
         let mut runs: [Vec<f64>; 4] = Default::default();
-        let mut ratios: [Vec<f64>; 2] = Default::default();
+        let mut ratios: [Vec<f64>; 3] = Default::default();
+        let mut uncached_runs = Vec::new();
         for round in 1..=rounds {
             let writes = throughput(&app, concurrency, seconds, "PUT").await;
+            let uncached_writes = throughput(&uncached, concurrency, seconds, "PUT").await;
             let evals_per_sec = redis_benchmark(&server, concurrency, evals, &script_args);
             let reads = throughput(&app, concurrency, seconds, "GET").await;
             let hgetall = redis_benchmark(&server, concurrency, evals, &hgetall_args);
             println!(
                 "| {round} | {writes:.0} | {evals_per_sec:.0} | {:.3} \
-                 | {reads:.0} | {hgetall:.0} | {:.3} |",
+                 | {uncached_writes:.0} | {:.3} | {reads:.0} | {hgetall:.0} | {:.3} |",
                 writes / evals_per_sec,
+                uncached_writes / evals_per_sec,
                 reads / hgetall
             );
+            uncached_runs.push(uncached_writes);
+            ratios[2].push(uncached_writes / evals_per_sec);
             for (run, value) in runs.iter_mut().zip([writes, evals_per_sec, reads, hgetall]) {
                 run.push(value);
             }
@@ -400,10 +411,11 @@ fn main() {
             ratios[1].push(reads / hgetall);
         }
         let [writes, evals_per_sec, reads, hgetall] = runs.map(median);
-        let [write_ratio, read_ratio] = ratios.map(median);
+        let [write_ratio, read_ratio, uncached_ratio] = ratios.map(median);
+        let uncached_writes = median(uncached_runs);
         println!(
             "| median | {writes:.0} | {evals_per_sec:.0} | {write_ratio:.3} \
-             | {reads:.0} | {hgetall:.0} | {read_ratio:.3} |"
+             | {uncached_writes:.0} | {uncached_ratio:.3} | {reads:.0} | {hgetall:.0} | {read_ratio:.3} |"
         );
         println!(
             "\n(ratios: median of the per-round ratios) PUT through the layer / EVALSHA by \
