@@ -205,39 +205,41 @@ impl WriteGuard {
 
     /// Settles the write: one compare-and-set that must still find our lease.
     pub(crate) async fn settle(self, settlement: Settlement) -> Settled {
-        let outcome_name = settlement.name();
-        let new = self.new_entry(settlement);
-        let outcome = self.attempt_settle(new.as_ref()).await;
-        self.settled(outcome_name, new, outcome).await
+        match self.settle_now(settlement) {
+            Ok(settled) => settled,
+            Err(pending) => pending.finish().await,
+        }
     }
 
     /// [`settle`](Self::settle) without a future, when the store answers at once and
     /// the settle applies (the common case on a store in the process). Otherwise what
     /// is left to do, which the caller must finish with [`PendingSettle::finish`].
-    pub(crate) fn settle_now(
-        mut self,
-        settlement: Settlement,
-    ) -> Result<Settled, Box<PendingSettle>> {
+    // The large `Err` is moved once, into the future that finishes it: boxing it
+    // would cost every write to a store across a connection an allocation.
+    #[allow(clippy::result_large_err)]
+    pub(crate) fn settle_now(mut self, settlement: Settlement) -> Result<Settled, PendingSettle> {
         let outcome_name = settlement.name();
         let new = self.new_entry(settlement);
         let answer = self
             .store
             .compare_and_set_now(&self.key, Some(&self.reserved), new.as_ref());
         match answer {
-            Some(Ok(CasOutcome::Applied)) => {
-                self.on_drop = OnDrop::Nothing;
-                tracing::debug!(key = &*self.key, outcome = outcome_name, "write settled");
-                self.cache.remember(&self.key, new.as_ref());
-                Ok(Settled::Applied(new.and_then(Entry::into_version)))
-            }
-            // Boxed: the slow path, which boxes its future anyway.
-            first => Err(Box::new(PendingSettle {
+            Some(Ok(CasOutcome::Applied)) => Ok(self.applied(outcome_name, new)),
+            first => Err(PendingSettle {
                 guard: self,
                 outcome_name,
                 new,
                 first,
-            })),
+            }),
         }
+    }
+
+    /// The settle applied: `new` is what the store holds now.
+    fn applied(&mut self, outcome_name: &'static str, new: Option<Entry>) -> Settled {
+        self.on_drop = OnDrop::Nothing;
+        tracing::debug!(key = &*self.key, outcome = outcome_name, "write settled");
+        self.cache.remember(&self.key, new.as_ref());
+        Settled::Applied(new.and_then(Entry::into_version))
     }
 
     fn attempt_settle<'a>(
@@ -271,11 +273,7 @@ impl WriteGuard {
         self.on_drop = OnDrop::Nothing;
         let key = &*self.key;
         match outcome {
-            Ok(CasOutcome::Applied) => {
-                tracing::debug!(key, outcome = outcome_name, "write settled");
-                self.cache.remember(&self.key, new.as_ref());
-                Settled::Applied(new.and_then(Entry::into_version))
-            }
+            Ok(CasOutcome::Applied) => self.applied(outcome_name, new),
             Ok(CasOutcome::Mismatch { current }) => {
                 self.cache.forget(&self.key);
                 tracing::error!(
@@ -400,13 +398,13 @@ pub(crate) struct PendingSettle {
 impl PendingSettle {
     /// Finishes the settle: the first attempt if the store gave no immediate answer,
     /// then whatever its answer calls for.
-    pub(crate) async fn finish(self: Box<Self>) -> Settled {
+    pub(crate) async fn finish(self) -> Settled {
         let Self {
             guard,
             outcome_name,
             new,
             first,
-        } = *self;
+        } = self;
         let outcome = match first {
             Some(outcome) => outcome,
             None => guard.attempt_settle(new.as_ref()).await,
