@@ -40,9 +40,11 @@
 //! `axum_redis:{/items/1}:item` next to the version hash `axum_redis:{/items/1}`: the
 //! same hash tag, so a Redis Cluster keeps both in one slot. Writes to one item are
 //! serialized by the layer's lease, so a handler's read-modify-write (`PATCH`) needs no
-//! transaction of its own. Set `REDIS_PREFIX` to run several apps on one Redis.
+//! transaction of its own. Set `REDIS_PREFIX` to run several apps on one Redis, and
+//! `LEASE_MS` for how long a write holds its item (30 000 by default: what a process
+//! killed mid-write leaves behind).
 
-use std::{env, error::Error, io::IsTerminal};
+use std::{env, error::Error, io::IsTerminal, time::Duration};
 
 use axum::{
     body::Bytes,
@@ -300,11 +302,12 @@ async fn refusal(response: Response) -> axum::http::Response<Bytes> {
 }
 
 /// The application: the routes, wrapped in the precondition layer over `store`.
-fn app(store: RedisStore, require_preconditions: bool) -> Router {
+fn app(store: RedisStore, require_preconditions: bool, lease: Duration) -> Router {
     let items = Items {
         store: store.clone(),
     };
     let layer = PreconditionLayer::new(store)
+        .lease(lease)
         .require_precondition(require_preconditions)
         // The application decides who may see an item before any precondition is
         // answered: a stranger gets the 404 of a missing item, never a 304 or a 412
@@ -355,6 +358,12 @@ async fn main() -> Result<(), Box<dyn Error>> {
     let require = env::var("REQUIRE_PRECONDITIONS").is_ok_and(|v| v == "1" || v == "true");
     let redis_url = env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".to_owned());
     let prefix = env::var("REDIS_PREFIX").unwrap_or_else(|_| "axum_redis:".to_owned());
+    // How long a write holds its item; a process killed mid-write leaves its lease
+    // behind for this long. The layer's default is 30 s.
+    let lease = match env::var("LEASE_MS") {
+        Ok(ms) => Duration::from_millis(ms.parse()?),
+        Err(_) => Duration::from_secs(30),
+    };
 
     // Connects on first use, so the server starts while Redis is down (writes get 503
     // until it is up); an unparsable URL still fails here. The connection manager
@@ -364,7 +373,7 @@ async fn main() -> Result<(), Box<dyn Error>> {
     let listener = tokio::net::TcpListener::bind(&addr).await?;
     println!("listening on http://{}", listener.local_addr()?);
     tracing::info!(require_preconditions = require, %prefix, "serving /items/{{id}} from Redis");
-    axum::serve(listener, app(store, require))
+    axum::serve(listener, app(store, require, lease))
         .with_graceful_shutdown(shutdown_signal())
         .await?;
     tracing::info!("shut down");

@@ -220,6 +220,7 @@ async fn refused(
     condition: &RowPrecondition,
     id: &str,
     caller: Option<&str>,
+    upsert: bool,
 ) -> Response {
     let current = match sqlx::query(&app.sql.read)
         .bind(id)
@@ -234,6 +235,10 @@ async fn refused(
         Ok(None) => None,
         Err(error) => return database_error(error),
     };
+    // A refused upsert found the row, even if it is gone now: a 412, never a 404.
+    if upsert {
+        return condition.upsert_not_applied(current).into_response();
+    }
     match condition.not_applied(current) {
         Some(not_applied) => not_applied.into_response(),
         None => not_found(id),
@@ -254,7 +259,8 @@ async fn put_item(
         Err(error) => return invalid_json(error),
     };
     let caller = caller(&headers);
-    let statement = if condition.may_create() {
+    let upsert = condition.may_create();
+    let statement = if upsert {
         &app.sql.upsert
     } else {
         &app.sql.update
@@ -271,7 +277,7 @@ async fn put_item(
         .map(|rows| rows.into_iter().next());
     let row = match written {
         Ok(Some(row)) => row,
-        Ok(None) => return refused(&app, &condition, &id, caller.as_deref()).await,
+        Ok(None) => return refused(&app, &condition, &id, caller.as_deref(), upsert).await,
         Err(error) => return database_error(error),
     };
     let (version, created) = match (row_version(&row), row.try_get::<bool, _>("created")) {
@@ -377,7 +383,7 @@ async fn delete_item(
         .map(|rows| rows.into_iter().next());
     match deleted {
         Ok(Some(_)) => StatusCode::NO_CONTENT.into_response(),
-        Ok(None) => refused(&app, &condition, &id, caller.as_deref()).await,
+        Ok(None) => refused(&app, &condition, &id, caller.as_deref(), false).await,
         Err(error) => database_error(error),
     }
 }

@@ -9,7 +9,8 @@
 //!
 //! `DATABASE_URL` defaults to `sqlite://tower-precondition-items.db` (created if
 //! missing); start several processes on one file (on one host) and they serve one set
-//! of items.
+//! of items. `LEASE_MS` sets how long a write holds its item (30 000 by default: what a
+//! process killed mid-write leaves behind).
 //!
 //! | request | answer |
 //! | --- | --- |
@@ -30,7 +31,7 @@
 //! table of the same file. The handlers write unconditionally: the layer has checked
 //! the preconditions and holds the item for them, across every process on the file.
 
-use std::{env, error::Error, io::IsTerminal};
+use std::{env, error::Error, io::IsTerminal, time::Duration};
 
 use axum::{
     body::Bytes,
@@ -259,8 +260,9 @@ async fn visible(db: &SqlitePool, id: &str, caller: Option<&str>) -> bool {
 }
 
 /// The application: the routes, wrapped in the precondition layer.
-fn app(db: SqlitePool, store: SqliteStore, require_preconditions: bool) -> Router {
+fn app(db: SqlitePool, store: SqliteStore, require_preconditions: bool, lease: Duration) -> Router {
     let layer = PreconditionLayer::new(store)
+        .lease(lease)
         .require_precondition(require_preconditions)
         // The application decides who may see an item before any precondition is
         // answered: a stranger gets the 404 of a missing item, never a 304 or a 412
@@ -346,6 +348,12 @@ async fn main() -> Result<(), Box<dyn Error>> {
     let require = env::var("REQUIRE_PRECONDITIONS").is_ok_and(|v| v == "1" || v == "true");
     let url = env::var("DATABASE_URL")
         .unwrap_or_else(|_| "sqlite://tower-precondition-items.db".to_owned());
+    // How long a write holds its item; a process killed mid-write leaves its lease
+    // behind for this long. The layer's default is 30 s.
+    let lease = match env::var("LEASE_MS") {
+        Ok(ms) => Duration::from_millis(ms.parse()?),
+        Err(_) => Duration::from_secs(30),
+    };
 
     // One pool for the versions and the items: one file, WAL, a bounded busy wait.
     let store = SqliteStore::connect(&url).await?;
@@ -359,7 +367,7 @@ async fn main() -> Result<(), Box<dyn Error>> {
     let listener = tokio::net::TcpListener::bind(&addr).await?;
     println!("listening on http://{}", listener.local_addr()?);
     tracing::info!(require_preconditions = require, %url, "serving /items/{{id}}");
-    axum::serve(listener, app(db, store, require))
+    axum::serve(listener, app(db, store, require, lease))
         .with_graceful_shutdown(shutdown_signal())
         .await?;
     tracing::info!("shut down");

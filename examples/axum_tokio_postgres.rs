@@ -190,6 +190,7 @@ async fn refused(
     condition: &RowPrecondition,
     id: &str,
     caller: Option<&str>,
+    upsert: bool,
 ) -> Answer {
     let read = client.prepare_cached(&app.sql.read).await?;
     let current = match client.query_opt(&read, &[&id]).await? {
@@ -197,6 +198,10 @@ async fn refused(
         Some(row) => Some(row_version(&row)?),
         None => None,
     };
+    // A refused upsert found the row, even if it is gone now: a 412, never a 404.
+    if upsert {
+        return Ok(condition.upsert_not_applied(current).into_response());
+    }
     Ok(match condition.not_applied(current) {
         Some(not_applied) => not_applied.into_response(),
         None => not_found(id),
@@ -217,7 +222,8 @@ async fn put_item(
         Err(error) => return Ok(invalid_json(error)),
     };
     let caller = caller(&headers);
-    let statement = if condition.may_create() {
+    let upsert = condition.may_create();
+    let statement = if upsert {
         &app.sql.upsert
     } else {
         &app.sql.update
@@ -231,7 +237,7 @@ async fn put_item(
         .query_opt(&statement, &[&id, &text, &caller, a, b, c, d])
         .await?;
     let Some(row) = written else {
-        return refused(&client, &app, &condition, &id, caller.as_deref()).await;
+        return refused(&client, &app, &condition, &id, caller.as_deref(), upsert).await;
     };
     let version = row_version(&row)?;
     if row.try_get("created")? {
@@ -311,7 +317,7 @@ async fn delete_item(
         .await?
     {
         Some(_) => Ok(StatusCode::NO_CONTENT.into_response()),
-        None => refused(&client, &app, &condition, &id, caller.as_deref()).await,
+        None => refused(&client, &app, &condition, &id, caller.as_deref(), false).await,
     }
 }
 

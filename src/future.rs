@@ -28,7 +28,7 @@ use crate::{
     etag::EntityTag,
     evaluate::{evaluate, Decision, Preconditions},
     layer::Config,
-    protocol::{self, ReadStart, Settled, Settlement, WriteGuard},
+    protocol::{self, PendingSeed, ReadStart, Settled, Settlement, WriteGuard},
     response::{
         into_not_modified, not_modified, remove_validators, set_validators, Early, Problem,
     },
@@ -98,8 +98,8 @@ enum ReadState {
     Versioned {
         entry: Entry,
         decision: Decision,
-        /// This read seeded the version: what to put back if the handler is not `2xx`.
-        seeded_over: Option<Option<Entry>>,
+        /// This read is seeding the version: confirmed on a `2xx`, withdrawn otherwise.
+        seed: Option<Box<PendingSeed>>,
     },
     /// No committed version (a create in flight).
     Unversioned,
@@ -321,7 +321,7 @@ fn read_step<B>(ctx: &Ctx, loaded: Result<ReadStart, StoreError>) -> ReadStep<B>
     let decision = evaluate(&ctx.method, &ctx.pre, Some(version));
     // Answered before the application decides only when the layer already knew the
     // resource (not a version this read just seeded) and short-circuiting is on.
-    if ctx.config.short_circuit_reads && start.seeded_over.is_none() {
+    if ctx.config.short_circuit_reads && start.seed.is_none() {
         match decision {
             Decision::Proceed => {}
             Decision::NotModified => {
@@ -342,7 +342,7 @@ fn read_step<B>(ctx: &Ctx, loaded: Result<ReadStart, StoreError>) -> ReadStep<B>
     ReadStep::Run(ReadState::Versioned {
         entry,
         decision,
-        seeded_over: start.seeded_over,
+        seed: start.seed,
     })
 }
 
@@ -371,13 +371,21 @@ where
         }
         ReadState::StoreFailed | ReadState::Unversioned => ready(response.map(ResponseBody::inner)),
         ReadState::Versioned {
-            entry,
-            seeded_over: Some(before),
-            ..
-        } if !success => State::Finishing {
+            seed: Some(seed), ..
+        } => State::Finishing {
             finish: Box::pin(async move {
-                protocol::undo_seed(&ctx.config, &ctx.key, &entry, before.as_ref()).await;
-                Ok(response.map(ResponseBody::inner))
+                if !success {
+                    seed.withdraw().await;
+                    return Ok(response.map(ResponseBody::inner));
+                }
+                let handler_tag = strong_etag(response.headers(), &ctx.key);
+                Ok(match seed.confirm(handler_tag).await {
+                    Some(version) => {
+                        let decision = evaluate(&ctx.method, &ctx.pre, Some(&version));
+                        answer_read(&ctx, response, decision, version)
+                    }
+                    None => unverifiable(&ctx.pre, response),
+                })
             }),
         },
         ReadState::Versioned { .. } if !success => ready(response.map(ResponseBody::inner)),

@@ -706,9 +706,10 @@ pub(crate) async fn reserve(
 pub(crate) struct ReadStart {
     /// The entry to judge the read by.
     pub(crate) entry: Option<Entry>,
-    /// Set when this read gave the resource its first version (a seed): the entry to
-    /// put back if the handler does not answer `2xx`.
-    pub(crate) seeded_over: Option<Option<Entry>>,
+    /// Set when this read is giving the resource its first version (a seed), which it
+    /// confirms on a `2xx` and withdraws otherwise. Boxed: first reads are rare, and
+    /// every read's state would otherwise carry its size.
+    pub(crate) seed: Option<Box<PendingSeed>>,
 }
 
 /// Loads `key`'s entry for a read.
@@ -719,7 +720,10 @@ pub(crate) struct ReadStart {
 ///   handler runs: a body the handler reads afterwards is described by that version
 ///   until a write replaces it. Seeding after the handler would let a `DELETE` that ran
 ///   in between leave its pre-delete body labelled with a version that still matches.
-///   If the handler does not answer `2xx`, the seed is undone.
+///   Until the handler answers, the seed is only a lease with no version, as a create
+///   in flight is: a write meanwhile gets `409` and can neither match the seed's tag
+///   nor be told it (the resource may not exist). A `2xx` confirms the seed as the
+///   version; anything else, or the read being dropped, withdraws it.
 pub(crate) async fn load_for_read(
     config: &Config,
     key: &Arc<str>,
@@ -740,25 +744,31 @@ pub(crate) async fn load_for_read(
         } else {
             0
         };
-        let next = match &current {
-            Some(entry) if entry.expired_lease(now_millis).is_some() => {
-                unknown_outcome_base(entry.version()).map(Entry::committed)
-            }
+        let (next, seed) = match &current {
+            Some(entry) if entry.expired_lease(now_millis).is_some() => (
+                unknown_outcome_base(entry.version()).map(Entry::committed),
+                None,
+            ),
             Some(entry) if entry.live_lease(now_millis).is_some() || entry.version().is_some() => {
                 return Ok(ReadStart {
                     entry: current,
-                    seeded_over: None,
+                    seed: None,
                 });
             }
-            // No version and nobody writing: seed one.
-            _ => Version::new(fresh_etag(), SystemTime::now())
-                .map(|v| Entry::committed(v.with_seeded(true))),
+            // No version and nobody writing: seed one, as a lease until confirmed.
+            _ => {
+                let now = match clock {
+                    Some(now) => now,
+                    None => *clock.insert(config.clock.now(store, config.store_timeout).await?),
+                };
+                let expires = now.millis().saturating_add(millis(config.lease));
+                let pending =
+                    Entry::from_parts(None, Some(Lease::from_parts(LeaseToken::random(), expires)));
+                let version =
+                    Version::new(fresh_etag(), SystemTime::now()).map(|v| v.with_seeded(true));
+                (pending, version)
+            }
         };
-        let seeding = next
-            .as_ref()
-            .and_then(Entry::version)
-            .is_some_and(Version::is_seeded)
-            && current.as_ref().and_then(Entry::version).is_none();
         let outcome = swap_entry(
             store,
             config.store_timeout,
@@ -768,19 +778,30 @@ pub(crate) async fn load_for_read(
         )
         .await?;
         match outcome {
-            CasOutcome::Applied if seeding => {
-                tracing::debug!(key = &**key, "version seeded by a read");
-                cache.remember(key, next.as_ref());
-                return Ok(ReadStart {
-                    entry: next,
-                    seeded_over: Some(current),
-                });
-            }
-            CasOutcome::Applied => {
-                tracing::info!(key = &**key, "expired lease taken over by a read");
-                cache.remember(key, next.as_ref());
-                current = next;
-            }
+            CasOutcome::Applied => match (seed, next) {
+                (Some(version), Some(pending)) => {
+                    tracing::debug!(key = &**key, "version seeded by a read (pending)");
+                    cache.forget(key);
+                    return Ok(ReadStart {
+                        entry: Some(Entry::committed(version.clone())),
+                        seed: Some(Box::new(PendingSeed {
+                            store: config.store.clone(),
+                            cache: cache.clone(),
+                            key: key.clone(),
+                            pending,
+                            before: current,
+                            version,
+                            store_timeout: config.store_timeout,
+                            armed: true,
+                        })),
+                    });
+                }
+                (_, next) => {
+                    tracing::info!(key = &**key, "expired lease taken over by a read");
+                    cache.remember(key, next.as_ref());
+                    current = next;
+                }
+            },
             CasOutcome::Mismatch { current: found } => {
                 cache.remember(key, found.as_ref());
                 current = found;
@@ -791,6 +812,127 @@ pub(crate) async fn load_for_read(
     Err(StoreError::unavailable(
         "the entry kept changing while a read tried to settle it (contention)",
     ))
+}
+
+/// A read's seed, held as a lease until the read's handler answers: confirmed as the
+/// resource's version on a `2xx`, withdrawn otherwise. Dropped unresolved (the read
+/// was abandoned), it withdraws itself in a spawned task, so that writes are not kept
+/// waiting for the lease to expire.
+pub(crate) struct PendingSeed {
+    store: Arc<dyn AtomicVersionStore>,
+    cache: Arc<EntryCache>,
+    key: Arc<str>,
+    /// What the store holds while the handler runs: a lease, no version.
+    pending: Entry,
+    /// What the seed replaced (nothing, or an entry a takeover cleared).
+    before: Option<Entry>,
+    /// The version a `2xx` confirms.
+    version: Version,
+    store_timeout: Duration,
+    armed: bool,
+}
+
+impl PendingSeed {
+    /// Confirms the seed after a `2xx` read, as the handler's own strong `ETag` if it set
+    /// one: the version that now describes the response, or `None` when the entry
+    /// changed meanwhile (the response then goes out without validators).
+    pub(crate) async fn confirm(mut self, handler_tag: Option<EntityTag>) -> Option<Version> {
+        self.armed = false;
+        let version = match handler_tag {
+            Some(tag) => Version::new(tag, SystemTime::now())?.with_seeded(true),
+            None => self.version.clone(),
+        };
+        let confirmed = Entry::committed(version.clone());
+        let key_name = &*self.key;
+        match self.swap(Some(&confirmed)).await {
+            Ok(CasOutcome::Applied) => {
+                self.cache.remember(&self.key, Some(&confirmed));
+                tracing::debug!(key = key_name, "version seeded by a read");
+                Some(version)
+            }
+            Ok(CasOutcome::Mismatch { current }) => {
+                self.cache.remember(&self.key, current.as_ref());
+                tracing::info!(
+                    key = key_name,
+                    "a seed was taken over before its read ended"
+                );
+                None
+            }
+            Err(error) => {
+                self.cache.forget(&self.key);
+                tracing::warn!(key = key_name, %error, "could not confirm a seed");
+                None
+            }
+        }
+    }
+
+    /// Withdraws the seed after a read whose handler did not answer `2xx`: a version no
+    /// one was given must not stay behind for a resource that may not exist.
+    pub(crate) async fn withdraw(mut self) {
+        self.armed = false;
+        let before = self.before.clone();
+        let key_name = &*self.key;
+        match self.swap(before.as_ref()).await {
+            Ok(CasOutcome::Applied) => {
+                self.cache.remember(&self.key, before.as_ref());
+                tracing::debug!(key = key_name, "seed withdrawn: the read was not 2xx");
+            }
+            Ok(CasOutcome::Mismatch { current }) => {
+                self.cache.remember(&self.key, current.as_ref());
+            }
+            Err(error) => {
+                self.cache.forget(&self.key);
+                tracing::warn!(key = key_name, %error, "could not withdraw a seed; its lease will expire");
+            }
+        }
+    }
+
+    async fn swap(&self, new: Option<&Entry>) -> Result<CasOutcome, StoreError> {
+        swap_entry(
+            self.store.as_ref(),
+            self.store_timeout,
+            &self.key,
+            Some(&self.pending),
+            new,
+        )
+        .await
+    }
+}
+
+impl std::fmt::Debug for PendingSeed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PendingSeed")
+            .field("key", &self.key)
+            .field("pending", &self.pending)
+            .field("version", &self.version)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Drop for PendingSeed {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            tracing::warn!(
+                key = &*self.key,
+                "read abandoned outside a Tokio runtime; its seed's lease will expire"
+            );
+            return;
+        };
+        let seed = PendingSeed {
+            store: self.store.clone(),
+            cache: self.cache.clone(),
+            key: self.key.clone(),
+            pending: self.pending.clone(),
+            before: self.before.take(),
+            version: self.version.clone(),
+            store_timeout: self.store_timeout,
+            armed: false,
+        };
+        runtime.spawn(seed.withdraw());
+    }
 }
 
 /// A read's store step answered at once, when it can be: no access check to wait for,
@@ -816,40 +958,7 @@ pub(crate) fn read_start_now<C>(
         return None;
     }
     config.entry_cache.remember(key, entry.as_ref());
-    Some(Ok(ReadStart {
-        entry,
-        seeded_over: None,
-    }))
-}
-
-/// Puts back what a seed replaced, after a read whose handler did not answer `2xx`:
-/// a version no one was given must not stay behind for a resource that may not exist.
-pub(crate) async fn undo_seed(
-    config: &Config,
-    key: &Arc<str>,
-    seeded: &Entry,
-    before: Option<&Entry>,
-) {
-    let result = swap_entry(
-        config.store.as_ref(),
-        config.store_timeout,
-        key,
-        Some(seeded),
-        before,
-    )
-    .await;
-    let key_name = &**key;
-    match result {
-        Ok(CasOutcome::Applied) => {
-            config.entry_cache.remember(key, before);
-            tracing::debug!(key = key_name, "seed undone: the read was not 2xx");
-        }
-        Ok(CasOutcome::Mismatch { current }) => config.entry_cache.remember(key, current.as_ref()),
-        Err(error) => {
-            config.entry_cache.forget(key);
-            tracing::warn!(key = key_name, %error, "could not undo a seed");
-        }
-    }
+    Some(Ok(ReadStart { entry, seed: None }))
 }
 
 /// Moves a resource to the handler's own strong tag, when a read handler answers with a

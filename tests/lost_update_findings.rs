@@ -348,7 +348,10 @@ impl AtomicVersionStore for DelayedReserveStore {
         expected: Option<&Entry>,
         new: Option<&Entry>,
     ) -> Result<CasOutcome, StoreError> {
-        let reserve = new.is_some_and(|e| e.lease().is_some_and(|l| !l.is_released()));
+        // A write's reserve: a lease over a version (a first read's pending seed is a
+        // lease with no version, and is not what this store delays).
+        let reserve = new
+            .is_some_and(|e| e.version().is_some() && e.lease().is_some_and(|l| !l.is_released()));
         if !reserve {
             return self.inner.compare_and_set(key, expected, new).await;
         }
@@ -437,12 +440,21 @@ async fn finding_7_9_a_read_racing_a_delete_cannot_bring_the_item_back() {
         tokio::spawn(async move { send(&app, Method::GET, "/items/1", &[("x-hold", "1")]).await })
     };
     shared.read_entered.notified().await;
-    // Meanwhile the item is deleted.
+    // Meanwhile the item is deleted: while the read's seed is pending, the delete is
+    // told a write is in flight, and deletes once the read is done.
     let deleted = send(&app, Method::DELETE, "/items/1", &[]).await;
-    assert_eq!(deleted.status, StatusCode::OK);
+    assert!(
+        [StatusCode::OK, StatusCode::CONFLICT].contains(&deleted.status),
+        "{}",
+        deleted.status
+    );
     shared.read_release.notify_one();
     let read = read.await.unwrap();
     assert_eq!(read.status, StatusCode::OK);
+    if deleted.status == StatusCode::CONFLICT {
+        let deleted = send(&app, Method::DELETE, "/items/1", &[]).await;
+        assert_eq!(deleted.status, StatusCode::OK);
+    }
     // The read's body predates the delete: its ETag (if any) must not let a write
     // bring the deleted item back.
     if let Some(tag) = read.etag() {
@@ -453,6 +465,70 @@ async fn finding_7_9_a_read_racing_a_delete_cannot_bring_the_item_back() {
             "the pre-delete ETag matched after the DELETE"
         );
     }
+}
+
+/// Found by the linearizability harness (`tests/linearizability.rs`), after 0.1.0: a read
+/// of a resource with no version seeds one before its handler runs, and a write arriving
+/// meanwhile took that seed for the current version: its `412` named the seed, and an
+/// `If-Match` with the seed then passed, creating a resource that did not exist.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_write_racing_the_first_read_finds_no_version_to_match() {
+    let (app, shared) = app_with(PreconditionLayer::new(MemoryStore::new()));
+    // The first read of a missing item: it will answer 404, but is still running.
+    let read = {
+        let app = app.clone();
+        tokio::spawn(async move {
+            let hold = [("x-hold", "1"), ("x-status", "404")];
+            send(&app, Method::GET, "/items/1", &hold).await
+        })
+    };
+    shared.read_entered.notified().await;
+    let stale = send(&app, Method::PUT, "/items/1", &[("if-match", "\"old\"")]).await;
+    match stale.status {
+        // The read's pending seed is a write in flight for the writers.
+        StatusCode::CONFLICT => assert!(stale.header("retry-after").is_some()),
+        StatusCode::PRECONDITION_FAILED => assert_eq!(
+            stale.etag(),
+            None,
+            "a 412 named the version a read is still deciding on"
+        ),
+        other => panic!("a stale If-Match got {other}"),
+    }
+    shared.read_release.notify_one();
+    assert_eq!(read.await.unwrap().status, StatusCode::NOT_FOUND);
+    // Nothing exists, so no If-Match can pass; nothing reached a write handler.
+    let r = send(&app, Method::PUT, "/items/1", &[("if-match", "*")]).await;
+    assert_eq!(r.status, StatusCode::PRECONDITION_FAILED);
+    assert_eq!(shared.writes.load(Ordering::SeqCst), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_first_read_dropped_mid_handler_leaves_no_seed_behind() {
+    let store = Arc::new(MemoryStore::new());
+    let (app, shared) = app_with(PreconditionLayer::from_arc(store.clone()));
+    let read = {
+        let app = app.clone();
+        tokio::spawn(async move { send(&app, Method::GET, "/items/1", &[("x-hold", "1")]).await })
+    };
+    shared.read_entered.notified().await;
+    // The client goes away while the handler runs.
+    read.abort();
+    let _ = read.await;
+    // The undo runs in the background; the entry it removes must go within moments,
+    // not after a lease's 30 s.
+    for _ in 0..200 {
+        if store.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert!(
+        store.is_empty(),
+        "an abandoned first read left an entry behind"
+    );
+    let create = [("if-none-match", "*"), ("x-status", "201")];
+    let r = send(&app, Method::PUT, "/items/1", &create).await;
+    assert_eq!(r.status, StatusCode::CREATED);
 }
 
 // ---------------------------------------------------------------------------------

@@ -205,6 +205,18 @@ impl RowPrecondition {
         }
     }
 
+    /// [`not_applied`](Self::not_applied) for an upsert, a statement that inserts the
+    /// row when it is missing: one that changed no row found the row when it ran,
+    /// whatever a read afterwards finds (a `DELETE` may have removed it since). So it is
+    /// always a precondition that failed: `412`, with `current`'s validators when the
+    /// row is still there. (Answering `404` would tell the client a create it just saw
+    /// refused would now pass, for a moment that already lies in the past.)
+    #[must_use]
+    pub fn upsert_not_applied(&self, current: Option<RowVersion>) -> NotApplied {
+        self.consult();
+        NotApplied { current }
+    }
+
     fn consult(&self) {
         self.inner.consulted.store(true, Ordering::Relaxed);
     }
@@ -440,6 +452,28 @@ mod tests {
         let current = RowVersion::from_columns(4, None);
         assert_eq!(
             plain.not_applied(Some(current.clone())).unwrap().current(),
+            Some(&current)
+        );
+    }
+
+    #[test]
+    fn a_refused_upsert_is_a_412_even_when_the_row_is_gone() {
+        let create = condition(
+            Method::PUT,
+            Preconditions {
+                if_none_match: Some(TagList::Any),
+                ..Default::default()
+            },
+        );
+        // `not_applied` alone would call the missing row a missing resource.
+        assert_eq!(create.not_applied(None), None);
+        assert_eq!(
+            create.upsert_not_applied(None),
+            NotApplied { current: None }
+        );
+        let current = RowVersion::from_columns(2, None);
+        assert_eq!(
+            create.upsert_not_applied(Some(current.clone())).current(),
             Some(&current)
         );
     }

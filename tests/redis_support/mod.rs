@@ -115,12 +115,25 @@ pub struct OwnRedis {
     child: Option<Child>,
     pub port: u16,
     dir: PathBuf,
+    /// Whether every write is on disk before Redis answers it (`appendfsync always`),
+    /// so a kill loses nothing that was acknowledged.
+    durable: bool,
 }
 
 impl OwnRedis {
     /// Starts one, or returns `None` (with a skip line; a failure under CI) when
     /// `redis-server` is not on PATH.
     pub fn start() -> Option<Self> {
+        Self::start_with(false)
+    }
+
+    /// [`start`](Self::start), but with an append-only file synced on every write: a
+    /// kill and restart keeps every acknowledged write.
+    pub fn start_durable() -> Option<Self> {
+        Self::start_with(true)
+    }
+
+    fn start_with(durable: bool) -> Option<Self> {
         if Command::new("redis-server")
             .arg("--version")
             .stdout(Stdio::null())
@@ -138,6 +151,7 @@ impl OwnRedis {
             child: None,
             port,
             dir,
+            durable,
         };
         server.restart();
         Some(server)
@@ -161,7 +175,12 @@ impl OwnRedis {
         self.kill();
         let child = Command::new("redis-server")
             .args(["--port", &self.port.to_string()])
-            .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .args(["--bind", "127.0.0.1", "--save", ""])
+            .args(if self.durable {
+                ["--appendonly", "yes", "--appendfsync", "always"].as_slice()
+            } else {
+                ["--appendonly", "no"].as_slice()
+            })
             .args(["--daemonize", "no", "--logfile", ""])
             .arg("--dir")
             .arg(&self.dir)

@@ -1,0 +1,638 @@
+//! Histories checked for linearizability: concurrent clients do `GET` (plain and
+//! conditional), conditional `PUT` / `PATCH` / `DELETE` and creates against every
+//! backend's example server, run as separate processes (several on one backend where it
+//! is shared), and every history is checked against a compare-and-set register per item
+//! (see `common/linearizability.rs`). The fault runs do the same while the store is
+//! killed and restarted, the network to it stalls and drops, server processes are
+//! killed mid-write (`SIGKILL`) and restarted, and clients give up mid-request and
+//! mid-upload.
+//!
+//! Sizes are small enough for CI; `LIN_OPS` (operations per client) and `LIN_CLIENTS`
+//! make a run longer by hand.
+
+#[path = "common/items_contract.rs"]
+mod items_contract;
+#[path = "common/linearizability.rs"]
+mod linearizability;
+mod postgres_support;
+mod redis_support;
+
+use std::{
+    collections::HashMap,
+    net::SocketAddr,
+    path::PathBuf,
+    sync::{
+        atomic::{AtomicUsize, Ordering},
+        Arc, Mutex, RwLock,
+    },
+    time::Duration,
+};
+
+use axum::{
+    body::Bytes,
+    extract::{Path, State},
+    http::{header, HeaderMap, StatusCode},
+    response::{IntoResponse, Response},
+    routing::get,
+    Router,
+};
+use items_contract::{unique_id, ExampleServer};
+use linearizability::{run_clients, Addrs, Proxy, Recorder, Summary, Workload};
+use redis_support::OwnRedis;
+
+fn ci() -> bool {
+    std::env::var("CI").is_ok_and(|v| v == "true" || v == "1")
+}
+
+/// The variable's value; `None` (the test then says it was skipped) when unset, which
+/// under `CI=true` is a failure.
+fn server_url(var: &str) -> Option<String> {
+    match std::env::var(var) {
+        Ok(url) if !url.is_empty() => Some(url),
+        _ => {
+            assert!(!ci(), "CI=true but {var} is not set");
+            eprintln!("skipped: set {var} to run");
+            None
+        }
+    }
+}
+
+/// A fresh SQLite file for one run, and its URL.
+fn sqlite_url(label: &str) -> String {
+    let path = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
+        .join(format!("{}.db", unique_id(&format!("lin-{label}"))));
+    format!("sqlite://{}?mode=rwc", path.display())
+}
+
+fn env_usize(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// A fault run's workload: twice as long, so that several faults land while it runs,
+/// over more items, so that each item's history (with its indeterminate writes, each of
+/// which the checker must place) stays small enough to search.
+fn fault_workload(seed: u64) -> Workload {
+    Workload {
+        ops_per_client: env_usize("LIN_OPS", 60) * 2,
+        items: 8,
+        abandon_percent: 10,
+        request_limit: Duration::from_secs(5),
+        ..workload(seed)
+    }
+}
+
+fn workload(seed: u64) -> Workload {
+    Workload {
+        clients: env_usize("LIN_CLIENTS", 6),
+        ops_per_client: env_usize("LIN_OPS", 60),
+        seed,
+        ..Workload::default()
+    }
+}
+
+fn report_path(label: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("linearizability-{label}.txt"))
+}
+
+/// Processes of one example on one backend; a fault may kill and restart any of them.
+struct Servers {
+    example: String,
+    /// Each process's environment (the shared one, and its own additions).
+    envs: Vec<Vec<(String, String)>>,
+    running: Mutex<Vec<Option<ExampleServer>>>,
+    addrs: Addrs,
+}
+
+impl Servers {
+    async fn start(example: &str, env: &[(&str, &str)], count: usize) -> Arc<Self> {
+        Self::start_each(example, env, count, |_| Vec::new()).await
+    }
+
+    /// [`start`](Self::start), adding `own(i)` to process `i`'s environment.
+    async fn start_each(
+        example: &str,
+        env: &[(&str, &str)],
+        count: usize,
+        own: impl Fn(usize) -> Vec<(String, String)>,
+    ) -> Arc<Self> {
+        let shared: Vec<(String, String)> = env
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect();
+        let envs: Vec<Vec<(String, String)>> = (0..count)
+            .map(|i| shared.iter().cloned().chain(own(i)).collect())
+            .collect();
+        let mut running = Vec::new();
+        let mut addrs = Vec::new();
+        for env in &envs {
+            let server = start_with(example, env).await;
+            addrs.push(server.addr());
+            running.push(Some(server));
+        }
+        Arc::new(Self {
+            example: example.to_owned(),
+            envs,
+            running: Mutex::new(running),
+            addrs: Arc::new(RwLock::new(addrs)),
+        })
+    }
+
+    /// `SIGKILL`s process `index` (whatever it is doing), then starts a new one in its
+    /// place, on a new port.
+    async fn kill_and_restart(&self, index: usize) {
+        let killed = self.running.lock().unwrap()[index].take();
+        drop(killed);
+        let server = start_with(&self.example, &self.envs[index]).await;
+        self.addrs.write().unwrap()[index] = server.addr();
+        self.running.lock().unwrap()[index] = Some(server);
+    }
+
+    fn count(&self) -> usize {
+        self.addrs.read().unwrap().len()
+    }
+}
+
+async fn start_with(example: &str, env: &[(String, String)]) -> ExampleServer {
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    ExampleServer::start(example, &env).await
+}
+
+/// Runs `workload` against `servers` with `faults` running beside it, checks the
+/// history, and prints the summary.
+async fn run_and_check<F, Fut>(
+    label: &str,
+    servers: &Arc<Servers>,
+    workload: Workload,
+    faults: F,
+) -> Summary
+where
+    F: FnOnce(Arc<AtomicUsize>) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let recorder = Recorder::new();
+    let prefix = unique_id(label);
+    let injected = Arc::new(AtomicUsize::new(0));
+    let fault_task = tokio::spawn(faults(injected.clone()));
+    run_clients(servers.addrs.clone(), &prefix, &workload, &recorder).await;
+    fault_task.abort();
+    let _ = fault_task.await;
+    let faults = injected.load(Ordering::SeqCst);
+    // Whatever a fault left unsettled must not hide from the check: let leases expire
+    // and read every item once more.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    linearizability::read_all(servers.addrs.clone(), &prefix, &workload, &recorder).await;
+    let summary = recorder.check(&report_path(label));
+    println!(
+        "{label}: {} processes of {}, {} clients: {summary}; {faults} faults injected",
+        servers.count(),
+        servers.example,
+        workload.clients
+    );
+    summary
+}
+
+async fn no_faults(_: Arc<AtomicUsize>) {}
+
+// ---------------------------------------------------------------------------------------
+// Without faults, every backend
+// ---------------------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn memory_store_histories_are_linearizable() {
+    // The memory store lives in its process: one process, many clients.
+    let servers = Servers::start("axum_memory", &[], 1).await;
+    let summary = run_and_check("memory", &servers, workload(1), no_faults).await;
+    assert!(summary.applied > 0 && summary.refused > 0, "{summary}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn memory_store_histories_stay_linearizable_when_clients_give_up() {
+    let servers = Servers::start("axum_memory", &[], 1).await;
+    let workload = Workload {
+        abandon_percent: 20,
+        ..workload(2)
+    };
+    let summary = run_and_check("memory-abandon", &servers, workload, no_faults).await;
+    assert!(summary.unknown > 0, "no write was abandoned: {summary}");
+}
+
+/// Clients against `count` processes of `example`, no faults.
+async fn plain_run(label: &str, example: &str, env: &[(&str, &str)], count: usize, seed: u64) {
+    let servers = Servers::start(example, env, count).await;
+    let summary = run_and_check(label, &servers, workload(seed), no_faults).await;
+    assert!(summary.applied > 0 && summary.refused > 0, "{summary}");
+}
+
+/// REDIS_URL and a fresh prefix (with the guard that removes its keys), or `None`.
+async fn redis_env() -> Option<(String, String, redis_support::Cleanup)> {
+    let url = server_url("REDIS_URL")?;
+    let prefix = redis_support::unique_prefix("lin");
+    let store = tower_precondition::store::RedisStore::open(&url)
+        .await
+        .expect("Redis answers")
+        .prefix(&prefix);
+    let cleanup = redis_support::Cleanup::of(&store, &url);
+    Some((url, prefix, cleanup))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(not(tp_redis), ignore = "set REDIS_URL to run")]
+async fn redis_store_histories_on_three_processes_are_linearizable() {
+    let Some((url, prefix, _cleanup)) = redis_env().await else {
+        return;
+    };
+    let env = [
+        ("REDIS_URL", url.as_str()),
+        ("REDIS_PREFIX", prefix.as_str()),
+    ];
+    plain_run("redis", "axum_redis", &env, 3, 3).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_store_histories_on_three_processes_are_linearizable() {
+    let url = sqlite_url("store");
+    plain_run(
+        "sqlite-store",
+        "axum_sqlite_store",
+        &[("DATABASE_URL", &url)],
+        3,
+        4,
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_row_version_histories_on_three_processes_are_linearizable() {
+    let url = sqlite_url("row");
+    plain_run("sqlite-row", "axum_sqlite", &[("DATABASE_URL", &url)], 3, 5).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(not(tp_postgres), ignore = "set DATABASE_URL to run")]
+async fn postgres_transactional_histories_on_three_processes_are_linearizable() {
+    let Some(url) = server_url("DATABASE_URL") else {
+        return;
+    };
+    plain_run("pg-tx", "axum_postgres", &[("DATABASE_URL", &url)], 3, 6).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(not(tp_postgres), ignore = "set DATABASE_URL to run")]
+async fn sqlx_row_version_histories_on_three_processes_are_linearizable() {
+    let Some(url) = server_url("DATABASE_URL") else {
+        return;
+    };
+    plain_run("pg-sqlx", "axum_sqlx", &[("DATABASE_URL", &url)], 3, 7).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(not(tp_postgres), ignore = "set DATABASE_URL to run")]
+async fn tokio_postgres_row_version_histories_on_three_processes_are_linearizable() {
+    let Some(url) = server_url("DATABASE_URL") else {
+        return;
+    };
+    plain_run(
+        "pg-tokio",
+        "axum_tokio_postgres",
+        &[("DATABASE_URL", &url)],
+        3,
+        8,
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(not(tp_mysql), ignore = "set MYSQL_URL to run")]
+async fn mysql_row_version_histories_on_three_processes_are_linearizable() {
+    let Some(url) = server_url("MYSQL_URL") else {
+        return;
+    };
+    plain_run("mysql", "axum_mysql", &[("DATABASE_URL", &url)], 3, 9).await;
+}
+
+// ---------------------------------------------------------------------------------------
+// Under faults
+// ---------------------------------------------------------------------------------------
+
+/// A lease short enough that a write cut off by a kill is taken over within the run,
+/// and long enough that the handler's deadline (a fifth short of it) outlasts every
+/// stall and every wait for SQLite's write lock: see
+/// [`sqlite_store_write_landing_after_its_handler_deadline`].
+const FAULT_LEASE_MS: &str = "2500";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_store_histories_survive_kills_stalls_and_cuts() {
+    redis_fault_run("redis-faults", FAULT_LEASE_MS, Duration::from_millis(700)).await;
+}
+
+async fn redis_fault_run(label: &str, lease_ms: &str, stall: Duration) {
+    // A private, durable Redis behind a proxy: killed and restarted, its network
+    // stalled and cut, while server processes are killed mid-write and clients give up.
+    let Some(redis) = OwnRedis::start_durable() else {
+        return;
+    };
+    let target: SocketAddr = format!("127.0.0.1:{}", redis.port).parse().unwrap();
+    let proxy = Arc::new(Proxy::start(target).await);
+    let url = format!("redis://{}", proxy.addr);
+    let env = [
+        ("REDIS_URL", url.as_str()),
+        ("REDIS_PREFIX", "lin:"),
+        ("LEASE_MS", lease_ms),
+    ];
+    let servers = Servers::start("axum_redis", &env, 3).await;
+    let redis = Arc::new(Mutex::new(redis));
+    let faults = {
+        let (servers, proxy, redis) = (servers.clone(), proxy.clone(), redis.clone());
+        move |injected: Arc<AtomicUsize>| async move {
+            for round in 0.. {
+                tokio::time::sleep(Duration::from_millis(250)).await;
+                injected.fetch_add(1, Ordering::SeqCst);
+                match round % 4 {
+                    0 => servers.kill_and_restart(round % servers.count()).await,
+                    1 => proxy.stall(stall).await,
+                    2 => proxy.cut(),
+                    _ => {
+                        let redis = redis.clone();
+                        tokio::task::spawn_blocking(move || redis.lock().unwrap().restart())
+                            .await
+                            .expect("restart Redis");
+                    }
+                }
+            }
+        }
+    };
+    let workload = fault_workload(10);
+    let summary = run_and_check(label, &servers, workload, faults).await;
+    assert!(summary.applied > 0, "{summary}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_store_histories_survive_processes_killed_mid_write() {
+    sqlite_store_kill_run("sqlite-store-kill", FAULT_LEASE_MS).await;
+}
+
+/// Finding, not yet fixed: with a lease so short that a handler waiting for SQLite's
+/// write lock misses its deadline, the layer answers `503` and gives the item a fresh
+/// version, but the statement the handler already handed to SQLite still commits
+/// later, over a write that won in between: a lost update (seen: a read served a later
+/// write's tag with the cut-off write's body). The layer cannot stop a write the
+/// application has already sent; the fix needs the data write itself to check that
+/// its lease is still held (a fencing token). Run by hand with `--ignored`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "finding: a write cut off by its deadline can still land (run by hand)"]
+async fn sqlite_store_write_landing_after_its_handler_deadline() {
+    sqlite_store_kill_run("sqlite-store-zombie", "400").await;
+}
+
+async fn sqlite_store_kill_run(label: &str, lease_ms: &str) {
+    let url = sqlite_url(label);
+    let env = [("DATABASE_URL", url.as_str()), ("LEASE_MS", lease_ms)];
+    let servers = Servers::start("axum_sqlite_store", &env, 3).await;
+    let faults = {
+        let servers = servers.clone();
+        move |injected: Arc<AtomicUsize>| async move {
+            for round in 0.. {
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                injected.fetch_add(1, Ordering::SeqCst);
+                servers.kill_and_restart(round % servers.count()).await;
+            }
+        }
+    };
+    let workload = fault_workload(11);
+    let summary = run_and_check(label, &servers, workload, faults).await;
+    assert!(summary.applied > 0, "{summary}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlx_row_version_histories_survive_postgres_restarts_and_kills() {
+    // A private Postgres cluster, stopped and started under the servers, which are
+    // themselves killed mid-write; clients give up mid-request and mid-upload.
+    let Some(cluster) = postgres_support::TempCluster::start() else {
+        return;
+    };
+    let url = cluster.url();
+    let servers = Servers::start("axum_sqlx", &[("DATABASE_URL", &url)], 3).await;
+    let cluster = Arc::new(Mutex::new(cluster));
+    let faults = {
+        let (servers, cluster) = (servers.clone(), cluster.clone());
+        move |injected: Arc<AtomicUsize>| async move {
+            for round in 0.. {
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                injected.fetch_add(1, Ordering::SeqCst);
+                if round % 3 == 2 {
+                    let cluster = cluster.clone();
+                    tokio::task::spawn_blocking(move || {
+                        let cluster = cluster.lock().unwrap();
+                        cluster.stop_server();
+                        cluster.start_server();
+                    })
+                    .await
+                    .expect("restart Postgres");
+                } else {
+                    servers.kill_and_restart(round % servers.count()).await;
+                }
+            }
+        }
+    };
+    let workload = fault_workload(12);
+    let summary = run_and_check("pg-sqlx-faults", &servers, workload, faults).await;
+    assert!(summary.applied > 0, "{summary}");
+}
+
+/// libfaketime, which shifts a process's clock (`FAKETIME`) when preloaded.
+fn faketime_library() -> Option<PathBuf> {
+    let found = [
+        "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1",
+        "/usr/lib/faketime/libfaketime.so.1",
+    ]
+    .iter()
+    .map(PathBuf::from)
+    .find(|p| p.exists());
+    if found.is_none() {
+        assert!(
+            !ci(),
+            "CI=true but libfaketime is not installed (package faketime)"
+        );
+        eprintln!("skipped: install libfaketime (package faketime) to run");
+    }
+    found
+}
+
+/// Store mode across hosts whose clocks disagree: of three processes on one SQLite
+/// file, one runs a second ahead and one a second behind (libfaketime), while
+/// processes are killed mid-write and clients give up. Leases are judged by the
+/// store's clock, never a host's, so no lease may look expired to one process while
+/// its writer, on another, still counts on it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_store_histories_survive_hosts_a_second_apart() {
+    let Some(faketime) = faketime_library() else {
+        return;
+    };
+    let url = sqlite_url("store-skew");
+    let env = [("DATABASE_URL", url.as_str()), ("LEASE_MS", FAULT_LEASE_MS)];
+    let preload = faketime.display().to_string();
+    let servers = Servers::start_each("axum_sqlite_store", &env, 3, |i| match i {
+        0 => Vec::new(),
+        i => vec![
+            ("LD_PRELOAD".to_owned(), preload.clone()),
+            (
+                "FAKETIME".to_owned(),
+                if i == 1 { "+1s" } else { "-1s" }.to_owned(),
+            ),
+        ],
+    })
+    .await;
+    let faults = {
+        let servers = servers.clone();
+        move |injected: Arc<AtomicUsize>| async move {
+            for round in 0.. {
+                tokio::time::sleep(Duration::from_millis(400)).await;
+                injected.fetch_add(1, Ordering::SeqCst);
+                servers.kill_and_restart(round % servers.count()).await;
+            }
+        }
+    };
+    let summary = run_and_check("sqlite-store-skew", &servers, fault_workload(14), faults).await;
+    assert!(summary.applied > 0, "{summary}");
+}
+
+/// The same with Redis, where the lease clock is the Redis server's: two of three
+/// processes a second off.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(not(tp_redis), ignore = "set REDIS_URL to run")]
+async fn redis_store_histories_survive_hosts_a_second_apart() {
+    let Some(faketime) = faketime_library() else {
+        return;
+    };
+    let Some((url, prefix, _cleanup)) = redis_env().await else {
+        return;
+    };
+    let env = [
+        ("REDIS_URL", url.as_str()),
+        ("REDIS_PREFIX", prefix.as_str()),
+        ("LEASE_MS", FAULT_LEASE_MS),
+    ];
+    let preload = faketime.display().to_string();
+    let servers = Servers::start_each("axum_redis", &env, 3, |i| match i {
+        0 => Vec::new(),
+        i => vec![
+            ("LD_PRELOAD".to_owned(), preload.clone()),
+            (
+                "FAKETIME".to_owned(),
+                if i == 1 { "+1s" } else { "-1s" }.to_owned(),
+            ),
+        ],
+    })
+    .await;
+    let faults = {
+        let servers = servers.clone();
+        move |injected: Arc<AtomicUsize>| async move {
+            for round in 0.. {
+                tokio::time::sleep(Duration::from_millis(400)).await;
+                injected.fetch_add(1, Ordering::SeqCst);
+                servers.kill_and_restart(round % servers.count()).await;
+            }
+        }
+    };
+    let summary = run_and_check("redis-skew", &servers, fault_workload(15), faults).await;
+    assert!(summary.applied > 0, "{summary}");
+}
+
+// ---------------------------------------------------------------------------------------
+// The check has teeth: a server that compares, then writes, fails it
+// ---------------------------------------------------------------------------------------
+
+/// Items behind the two-step check this crate exists to replace: compare the
+/// `If-Match`, then (a moment later) write.
+#[derive(Default)]
+struct Naive {
+    items: Mutex<HashMap<String, (u64, Bytes)>>,
+    next: std::sync::atomic::AtomicU64,
+}
+
+async fn naive_item(
+    State(naive): State<Arc<Naive>>,
+    Path(id): Path<String>,
+    method: axum::http::Method,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let current = naive.items.lock().unwrap().get(&id).cloned();
+    let tag_of = |version: u64| format!("\"v{version}\"");
+    let header_text = |name| headers.get(name).and_then(|v| v.to_str().ok());
+    if method == axum::http::Method::GET {
+        return match current {
+            None => StatusCode::NOT_FOUND.into_response(),
+            Some((v, _)) if header_text(header::IF_NONE_MATCH) == Some(&tag_of(v)) => {
+                (StatusCode::NOT_MODIFIED, [(header::ETAG, tag_of(v))]).into_response()
+            }
+            Some((v, body)) => ([(header::ETAG, tag_of(v))], body).into_response(),
+        };
+    }
+    let holds = match (&current, header_text(header::IF_MATCH)) {
+        (Some((v, _)), Some(tag)) => tag == tag_of(*v),
+        (None, None) => header_text(header::IF_NONE_MATCH) == Some("*"),
+        _ => false,
+    };
+    if !holds {
+        return match current {
+            Some((v, _)) => {
+                (StatusCode::PRECONDITION_FAILED, [(header::ETAG, tag_of(v))]).into_response()
+            }
+            None => StatusCode::PRECONDITION_FAILED.into_response(),
+        };
+    }
+    // The gap between the compare and the write, where a second writer slips in.
+    tokio::time::sleep(Duration::from_millis(2)).await;
+    let version = naive.next.fetch_add(1, Ordering::SeqCst) + 1;
+    let mut items = naive.items.lock().unwrap();
+    if method == axum::http::Method::DELETE {
+        items.remove(&id);
+        return StatusCode::NO_CONTENT.into_response();
+    }
+    items.insert(id, (version, body));
+    let status = if current.is_none() {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
+    (status, [(header::ETAG, tag_of(version))]).into_response()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_that_compares_then_writes_fails_the_check() {
+    let app = Router::new()
+        .route(
+            "/items/{id}",
+            get(naive_item)
+                .put(naive_item)
+                .patch(naive_item)
+                .delete(naive_item),
+        )
+        .with_state(Arc::new(Naive::default()));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    let recorder = Recorder::new();
+    let workload = Workload {
+        clients: 8,
+        items: 2,
+        ..workload(13)
+    };
+    let addrs: Addrs = Arc::new(RwLock::new(vec![addr]));
+    run_clients(addrs, "naive", &workload, &recorder).await;
+    let error = recorder
+        .verify()
+        .expect_err("a compare-then-write server loses updates, and the check must see it");
+    assert!(
+        error.contains("replaced the same tag") || error.contains("not linearizable"),
+        "{error}"
+    );
+    println!(
+        "the naive server's history fails the check: {}",
+        error.lines().next().unwrap_or_default()
+    );
+}
