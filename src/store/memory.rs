@@ -24,7 +24,7 @@ type Shard = Mutex<HashMap<Box<str>, Entry>>;
 /// [`DEFAULT_CAPACITY`](Self::DEFAULT_CAPACITY)), whatever clients send. A new key that finds its shard full
 /// evicts another entry of that shard that has no live lease. The bound is per shard
 /// and keys do not spread evenly, so eviction starts a little before the store holds
-/// `capacity` keys (a million keys in a store of a million kept about 998 300).
+/// `capacity` keys (a million keys in a store of a million kept 998 147 to 998 973).
 /// Eviction never lets an old `ETag` match: a key with no entry matches no `If-Match`
 /// tag and no `If-Unmodified-Since` on a write, and its next read gets a new random version. What
 /// an evicted key loses is the layer's knowledge that the resource exists, so a later
