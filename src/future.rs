@@ -236,10 +236,22 @@ where
                     }
                 }
                 StateProj::Reading { future, read } => {
-                    let response = ready!(future.poll(cx))?;
+                    let result = ready!(future.poll(cx));
                     let ctx = this.ctx.take().expect("read context");
                     let read = read.take().expect("read state");
-                    finish_read(ctx, read, response)
+                    match result {
+                        Ok(response) => finish_read(ctx, read, response),
+                        Err(error) => match read_failed(ctx, read) {
+                            // An error is no 2xx either: undo the seed, then fail.
+                            Some(undo) => State::Finishing {
+                                finish: Box::pin(async move {
+                                    undo.await;
+                                    Err(error)
+                                }),
+                            },
+                            None => return Poll::Ready(Err(error)),
+                        },
+                    }
                 }
 
                 StateProj::Preparing { prepare, inner } => {
@@ -415,6 +427,22 @@ where
             }
         }
     }
+}
+
+/// What is left to do after a read whose handler failed: undo the version this read
+/// seeded, as after any answer that is not `2xx` (`None`: nothing).
+fn read_failed(ctx: Ctx, read: ReadState) -> Option<impl Future<Output = ()> + Send> {
+    let ReadState::Versioned {
+        entry,
+        seeded_over: Some(before),
+        ..
+    } = read
+    else {
+        return None;
+    };
+    Some(async move {
+        protocol::undo_seed(&ctx.config, &ctx.key, &entry, before.as_ref()).await;
+    })
 }
 
 /// The answer to a read whose handler gave a `2xx`, by the decision for `version`.
