@@ -236,10 +236,22 @@ where
                     }
                 }
                 StateProj::Reading { future, read } => {
-                    let response = ready!(future.poll(cx))?;
+                    let result = ready!(future.poll(cx));
                     let ctx = this.ctx.take().expect("read context");
                     let read = read.take().expect("read state");
-                    finish_read(ctx, read, response)
+                    match result {
+                        Ok(response) => finish_read(ctx, read, response),
+                        Err(error) => match read_failed(read) {
+                            // An error is no 2xx either: undo the seed, then fail.
+                            Some(undo) => State::Finishing {
+                                finish: Box::pin(async move {
+                                    undo.await;
+                                    Err(error)
+                                }),
+                            },
+                            None => return Poll::Ready(Err(error)),
+                        },
+                    }
                 }
 
                 StateProj::Preparing { prepare, inner } => {
@@ -423,6 +435,20 @@ where
             }
         }
     }
+}
+
+/// What is left to do after a read whose handler failed: withdraw the version this
+/// read was seeding, as after any answer that is not `2xx` (`None`: nothing).
+fn read_failed(read: ReadState) -> Option<impl Future<Output = ()> + Send> {
+    let ReadState::Versioned {
+        seed: Some(seed), ..
+    } = read
+    else {
+        return None;
+    };
+    // The seed withdraws itself if dropped, but in the background; withdrawing it here
+    // means the error reaches the caller only once nothing of the read is left.
+    Some(seed.withdraw())
 }
 
 /// The answer to a read whose handler gave a `2xx`, by the decision for `version`.
