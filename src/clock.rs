@@ -14,19 +14,14 @@
 //! A host whose wall clock is off, or steps, therefore cannot take over a live lease:
 //! only the store's clock and the local *monotonic* clock are read.
 
-use std::{
-    sync::{
-        atomic::{AtomicBool, Ordering},
-        Mutex,
-    },
-    time::Duration,
-};
+use std::time::Duration;
 
 use tokio::time::Instant;
 
 use crate::{
     protocol::store_call,
     store::{AtomicVersionStore, StoreError},
+    sync::{AtomicBool, Mutex, Ordering},
 };
 
 /// How old a sample may grow before a request refreshes it. Between refreshes the

@@ -18,13 +18,12 @@
 //! young one fills the old one is dropped whole (an approximate LRU with no per-hit
 //! bookkeeping).
 
-use std::{
-    collections::HashMap,
-    hash::{BuildHasher, RandomState},
-    sync::{Arc, Mutex, MutexGuard},
-};
+use std::{collections::HashMap, hash::BuildHasher, sync::Arc};
 
-use crate::store::Entry;
+use crate::{
+    store::Entry,
+    sync::{Mutex, MutexGuard, RandomState},
+};
 
 const SHARDS: usize = 16;
 
@@ -54,7 +53,7 @@ impl EntryCache {
             shards: (0..shards).map(|_| Mutex::default()).collect(),
             // Two generations per shard: together they hold at most `capacity`.
             per_generation: (capacity / (2 * SHARDS)).max(1),
-            hasher: RandomState::new(),
+            hasher: RandomState::default(),
         }
     }
 

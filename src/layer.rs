@@ -361,6 +361,14 @@ impl PreconditionLayer {
     }
 }
 
+/// What the model check (`protocol::loom_tests`) drives the protocol with.
+#[cfg(all(test, tower_precondition_loom))]
+impl PreconditionLayer {
+    pub(crate) fn into_config(self) -> Config {
+        self.config
+    }
+}
+
 impl<S> Layer<S> for PreconditionLayer {
     type Service = PreconditionService<S>;
 

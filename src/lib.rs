@@ -182,6 +182,7 @@ mod response;
 pub mod row_version;
 mod service;
 pub mod store;
+mod sync;
 #[cfg(feature = "postgres")]
 pub mod transactional;
 

@@ -1010,3 +1010,364 @@ pub(crate) async fn adopt_handler_tag(
 pub(crate) fn if_match_names_tags(pre: &Preconditions) -> bool {
     matches!(pre.if_match, Some(TagList::Tags(_)))
 }
+
+/// The model check of the write protocol over the memory store
+/// (`--cfg tower_precondition_loom`, see `src/sync.rs`): `reserve`, `settle`,
+/// `load_for_read`, `read_start_now` and a seed's withdrawal as the service calls them, in every
+/// interleaving of the store's, the entry cache's and the store clock's locks.
+///
+/// The memory store answers every call at once, so no future here ever waits and
+/// `loom::future::block_on` drives them with no Tokio runtime (and so no timer: a
+/// `store_call` that answered on its first poll never arms one). Not covered: the
+/// background settle of a guard dropped unsettled (it needs a Tokio runtime to spawn
+/// on; without one it leaves the lease to expire, which the takeover models cover),
+/// and store errors or timeouts (the memory store has none to race).
+#[cfg(all(test, tower_precondition_loom))]
+mod loom_tests {
+    use std::sync::Arc;
+
+    use http::StatusCode;
+    use loom::{future::block_on, thread};
+
+    use super::*;
+    use crate::{layer::PreconditionLayer, store::MemoryStore, sync::model};
+
+    const KEY: &str = "/items/1";
+
+    fn tag(s: &str) -> EntityTag {
+        EntityTag::strong(s).unwrap()
+    }
+
+    fn committed(s: &str) -> Entry {
+        Entry::committed(Version::new(tag(s), SystemTime::now()).unwrap())
+    }
+
+    /// A layer's configuration over a fresh one-shard memory store. `lease` is set
+    /// directly, past the builder's 10 ms floor: a zero lease has expired by the time
+    /// anyone looks at it, which is how a stalled writer is modelled without a clock
+    /// the test can move.
+    fn config(lease: Duration, entry_cache: usize) -> Config {
+        let store = MemoryStore::with_shards_and_capacity(1, 64);
+        let mut config = PreconditionLayer::new(store)
+            .entry_cache(entry_cache)
+            .into_config();
+        config.lease = lease;
+        config
+    }
+
+    fn seed(config: &Config, s: &str) -> Entry {
+        let entry = committed(s);
+        let outcome = config.store.compare_and_set_now(KEY, None, Some(&entry));
+        assert!(matches!(outcome, Some(Ok(CasOutcome::Applied))));
+        entry
+    }
+
+    fn stored(config: &Config) -> Option<Entry> {
+        config.store.load_now(KEY).unwrap().unwrap()
+    }
+
+    fn key() -> Arc<str> {
+        Arc::from(KEY)
+    }
+
+    fn if_match(s: &str) -> Preconditions {
+        Preconditions {
+            if_match: Some(TagList::Tags(vec![tag(s)])),
+            ..Preconditions::default()
+        }
+    }
+
+    fn etag_of(version: Option<&Version>) -> Option<&str> {
+        version.map(|v| v.etag().opaque())
+    }
+
+    /// How one write ended.
+    #[derive(Debug)]
+    enum Write {
+        /// Reserved (replacing this version) and settled.
+        Ran(Option<Version>, Settled),
+        /// Refused before the handler: the status, and the version a 412 carried.
+        Refused(StatusCode, Option<Version>),
+    }
+
+    /// A whole write: reserve, then (the handler answered 2xx) commit `commit_tag`.
+    fn write(config: &Arc<Config>, pre: Preconditions, commit_tag: &str) -> Write {
+        let commit = Settlement::Commit(Some(tag(commit_tag)));
+        block_on(async {
+            match reserve(config.clone(), key(), Method::PUT, pre).await {
+                Ok(mut guard) => {
+                    guard.handler_started();
+                    let replacing = guard.reservation().replacing().cloned();
+                    Write::Ran(replacing, guard.settle(commit).await)
+                }
+                Err(problem) => Write::Refused(problem.status(), problem.current().cloned()),
+            }
+        })
+    }
+
+    /// `writers` writes with `If-Match: "v0"` on a resource at `"v0"`, and with
+    /// `reader` a read beside them. Exactly one write runs, and it settles (a live
+    /// lease is never taken over); each other one gets `409` (the winner's lease was
+    /// there) or `412` naming the winner's version; the read sees `"v0"` (with or
+    /// without the winner's lease) or the winner's version, and changes nothing.
+    fn if_match_race(
+        name: &str,
+        writers: usize,
+        reader: bool,
+        entry_cache: usize,
+        preemptions: Option<usize>,
+    ) {
+        model::check(name, preemptions, move || {
+            let config = Arc::new(config(Duration::from_secs(30), entry_cache));
+            let v0 = seed(&config, "v0");
+            // A cache that remembers `"v0"`: each reserve starts from that guess.
+            config.entry_cache.remember(&key(), Some(&v0));
+            let handles: Vec<_> = (0..writers)
+                .map(|i| {
+                    let config = config.clone();
+                    thread::spawn(move || write(&config, if_match("v0"), &format!("w{i}")))
+                })
+                .collect();
+            let read = reader.then(|| {
+                let config = config.clone();
+                thread::spawn(move || {
+                    let fast = read_start_now::<()>(&config, &key(), &None)
+                        .map(|start| start.unwrap().entry);
+                    let start = block_on(load_for_read(&config, &key())).unwrap();
+                    (fast, start)
+                })
+            });
+            let results: Vec<_> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+            let winners: Vec<_> = results
+                .iter()
+                .enumerate()
+                .filter_map(|(i, result)| match result {
+                    Write::Ran(replacing, settled) => Some((i, replacing, settled)),
+                    Write::Refused(..) => None,
+                })
+                .collect();
+            assert_eq!(winners.len(), 1, "exactly one write runs: {results:?}");
+            let (winner, replacing, settled) = winners[0];
+            let winner_tag = format!("w{winner}");
+            assert_eq!(replacing.as_ref(), v0.version());
+            let Settled::Applied(Some(committed)) = settled else {
+                panic!("the winner's settle must apply: {settled:?}");
+            };
+            assert_eq!(committed.etag().opaque(), winner_tag);
+            for result in &results {
+                if let Write::Refused(status, current) = result {
+                    match *status {
+                        StatusCode::CONFLICT => {}
+                        StatusCode::PRECONDITION_FAILED => {
+                            assert_eq!(etag_of(current.as_ref()), Some(&*winner_tag));
+                        }
+                        other => panic!("a loser got {other}"),
+                    }
+                }
+            }
+            if let Some(read) = read {
+                let (fast, start) = read.join().unwrap();
+                assert!(start.seed.is_none(), "a versioned resource is never seeded");
+                let seen = [fast, Some(start.entry)];
+                for entry in seen.iter().flatten() {
+                    let entry = entry.as_ref().expect("a read never finds the entry gone");
+                    let version = etag_of(entry.version());
+                    match entry.lease() {
+                        // The winner's lease, on the version it replaces.
+                        Some(lease) => {
+                            assert!(!lease.is_released() && version == Some("v0"), "{entry:?}");
+                        }
+                        None => assert!(
+                            version == Some("v0") || version == Some(&*winner_tag),
+                            "{entry:?}"
+                        ),
+                    }
+                }
+            }
+            let last = stored(&config).expect("the resource keeps a version");
+            assert_eq!(last.lease(), None, "no lease outlives its write");
+            assert_eq!(
+                etag_of(last.version()),
+                Some(&*winner_tag),
+                "the read changed it"
+            );
+        });
+    }
+
+    #[test]
+    fn two_writers_if_match() {
+        if_match_race("protocol: 2 writers", 2, false, 0, None);
+    }
+
+    #[test]
+    fn three_writers_if_match() {
+        if_match_race("protocol: 3 writers", 3, false, 0, Some(4));
+    }
+
+    #[test]
+    fn two_writers_and_a_reader() {
+        if_match_race("protocol: 2 writers + reader", 2, true, 0, None);
+    }
+
+    #[test]
+    fn three_writers_and_a_reader() {
+        if_match_race("protocol: 3 writers + reader", 3, true, 0, Some(3));
+    }
+
+    /// As above, with the entry cache a store across a connection gets: each reserve's
+    /// first compare-and-set expects the remembered entry instead of a load.
+    #[test]
+    fn two_writers_from_the_entry_cache() {
+        if_match_race("protocol: 2 writers, entry cache", 2, false, 64, None);
+    }
+
+    /// Writer A's lease has expired (it stalled) when writer B reserves and a read
+    /// comes by; A then settles. Whoever takes A's lease over first, A's late settle
+    /// must not apply, and no old tag (`"v0"`, or A's own) may survive a takeover.
+    fn takeover(name: &str, reader: bool, preemptions: Option<usize>) {
+        model::check(name, preemptions, move || {
+            let stalled = Arc::new(config(Duration::ZERO, 0));
+            let mut live = (*stalled).clone();
+            live.lease = Duration::from_secs(30);
+            let live = Arc::new(live);
+            seed(&stalled, "v0");
+            let mut guard_a =
+                block_on(reserve(stalled.clone(), key(), Method::PUT, if_match("v0")))
+                    .unwrap_or_else(|_| panic!("nothing holds the resource yet"));
+            guard_a.handler_started();
+            let a_lease = *guard_a.reserved.lease().unwrap();
+            let a =
+                thread::spawn(move || block_on(guard_a.settle(Settlement::Commit(Some(tag("a"))))));
+            let b = {
+                let live = live.clone();
+                thread::spawn(move || write(&live, Preconditions::default(), "b"))
+            };
+            let read = reader.then(|| {
+                let live = live.clone();
+                thread::spawn(move || block_on(load_for_read(&live, &key())).unwrap())
+            });
+            let a = a.join().unwrap();
+            let Write::Ran(b_replacing, b_settled) = b.join().unwrap() else {
+                panic!("an expired lease never refuses a write");
+            };
+            let Settled::Applied(Some(b_version)) = b_settled else {
+                panic!("B's live lease was taken over: {b_settled:?}");
+            };
+            assert_eq!(b_version.etag().opaque(), "b");
+            let b_replaced = etag_of(b_replacing.as_ref());
+            assert_ne!(
+                b_replaced,
+                Some("v0"),
+                "B started from a tag A may have outdated"
+            );
+            let a_applied = match &a {
+                Settled::Applied(version) => {
+                    assert_eq!(etag_of(version.as_ref()), Some("a"));
+                    true
+                }
+                Settled::LeaseLost => false,
+                Settled::Unknown => panic!("the memory store always answers"),
+            };
+            // A applied only if it settled before anyone took over, and then B
+            // replaced A's version; otherwise B replaced a fresh one, not A's.
+            assert_eq!(
+                a_applied,
+                b_replaced == Some("a"),
+                "A: {a:?}, B replaced {b_replaced:?}"
+            );
+            if let Some(read) = read {
+                let start = read.join().unwrap();
+                let entry = start.entry.expect("a read never finds the entry gone");
+                let seen = etag_of(entry.version());
+                assert_ne!(
+                    seen,
+                    Some("v0"),
+                    "a read served a tag a stalled write may have outdated"
+                );
+                assert_ne!(
+                    entry.lease(),
+                    Some(&a_lease),
+                    "a read passed over an expired lease"
+                );
+                assert!(start.seed.is_none());
+            }
+            let last = stored(&live).expect("the resource keeps a version");
+            assert_eq!(last.lease(), None);
+            let last_tag = etag_of(last.version()).unwrap();
+            // A's lost settle may give B's version a fresh successor (its handler wrote
+            // after B's), never put A's own back.
+            assert!(
+                last_tag == "b" || (!a_applied && last_tag != "a" && last_tag != "v0"),
+                "{last:?}"
+            );
+        });
+    }
+
+    #[test]
+    fn takeover_of_an_expired_lease() {
+        takeover("protocol: takeover", false, None);
+    }
+
+    #[test]
+    fn takeover_with_a_reader() {
+        takeover("protocol: takeover + reader", true, None);
+    }
+
+    /// A read seeds a version for a resource that had none while a create
+    /// (`If-None-Match: *`) runs; the read's handler then fails, so it withdraws its
+    /// pending seed. A seed or its withdrawal never removes the write's lease or its
+    /// version (the create may meet the pending seed and get `409`).
+    #[test]
+    fn seeding_read_beside_a_create() {
+        model::check("protocol: seed + create", None, || {
+            let config = Arc::new(config(Duration::from_secs(30), 0));
+            let create = Preconditions {
+                if_none_match: Some(TagList::Any),
+                ..Preconditions::default()
+            };
+            let writer = {
+                let config = config.clone();
+                thread::spawn(move || write(&config, create, "c"))
+            };
+            let reader = {
+                let config = config.clone();
+                thread::spawn(move || {
+                    block_on(async {
+                        let mut start = load_for_read(&config, &key()).await.unwrap();
+                        let seeded = start.seed.is_some();
+                        if let Some(seed) = start.seed.take() {
+                            seed.withdraw().await;
+                        }
+                        (start, seeded)
+                    })
+                })
+            };
+            let written = writer.join().unwrap();
+            let (start, seeded) = reader.join().unwrap();
+            if let Some(entry) = &start.entry {
+                if entry.lease().is_some() {
+                    assert!(!seeded, "a seed over a lease: {entry:?}");
+                }
+            }
+            let last = stored(&config);
+            match written {
+                Write::Ran(_, Settled::Applied(Some(version))) => {
+                    assert_eq!(version.etag().opaque(), "c");
+                    assert_eq!(
+                        last,
+                        Some(Entry::committed(version)),
+                        "the read undid a write"
+                    );
+                }
+                Write::Ran(_, settled) => panic!("the create's lease was lost: {settled:?}"),
+                Write::Refused(status, _) => {
+                    assert!(matches!(
+                        status,
+                        StatusCode::CONFLICT | StatusCode::PRECONDITION_FAILED
+                    ));
+                    assert_eq!(last, None, "a failed read left its seed behind");
+                }
+            }
+        });
+    }
+}

@@ -305,6 +305,12 @@ impl Problem {
         self.status
     }
 
+    /// The version a `412` carries (for the model check's assertions).
+    #[cfg(all(test, tower_precondition_loom))]
+    pub(crate) fn current(&self) -> Option<&Version> {
+        self.current.as_ref()
+    }
+
     /// The stable `code` member.
     pub(crate) fn code(&self) -> &'static str {
         self.code

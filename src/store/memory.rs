@@ -1,13 +1,9 @@
 //! The in-process store: a sharded map, the default backend.
 
-use std::{
-    collections::HashMap,
-    hash::{BuildHasher, RandomState},
-    sync::{Mutex, MutexGuard},
-    time::Instant,
-};
+use std::{collections::HashMap, hash::BuildHasher, time::Instant};
 
 use super::{AtomicVersionStore, CasOutcome, Entry, StoreError};
+use crate::sync::{Mutex, MutexGuard, RandomState};
 
 type Shard = Mutex<HashMap<Box<str>, Entry>>;
 
@@ -92,7 +88,7 @@ impl MemoryStore {
         let shards = shards.clamp(1, capacity.max(1));
         Self {
             shards: (0..shards).map(|_| Mutex::default()).collect(),
-            hasher: RandomState::new(),
+            hasher: RandomState::default(),
             per_shard: (capacity / shards).max(1),
             origin: Instant::now(),
         }
@@ -271,5 +267,197 @@ mod tests {
         let a = store.clock_millis().await.unwrap();
         let b = store.clock_millis().await.unwrap();
         assert!(a >= 1 && b >= a);
+    }
+}
+
+/// The model check of the store itself (`--cfg tower_precondition_loom`, see
+/// `src/sync.rs`): every interleaving of the shard locks, through the same
+/// `compare_and_set_now` / `load_now` the layer calls.
+#[cfg(all(test, tower_precondition_loom))]
+mod loom_tests {
+    use std::{sync::Arc, time::SystemTime};
+
+    use loom::thread;
+
+    use super::*;
+    use crate::{
+        etag::EntityTag,
+        store::{Lease, LeaseToken, Version},
+        sync::model,
+    };
+
+    fn committed(tag: &str) -> Entry {
+        let tag = EntityTag::strong(tag).unwrap();
+        Entry::committed(Version::new(tag, SystemTime::now()).unwrap())
+    }
+
+    fn cas(
+        store: &MemoryStore,
+        key: &str,
+        expected: Option<&Entry>,
+        new: Option<&Entry>,
+    ) -> CasOutcome {
+        store
+            .compare_and_set_now(key, expected, new)
+            .expect("the memory store answers at once")
+            .expect("the memory store does not fail here")
+    }
+
+    fn load(store: &MemoryStore, key: &str) -> Option<Entry> {
+        store.load_now(key).unwrap().unwrap()
+    }
+
+    /// `writers` threads swap the same expected entry for their own: exactly one
+    /// applies, and every other is told the winner's entry.
+    fn same_expected(name: &str, writers: usize, reader: bool, preemptions: Option<usize>) {
+        model::check(name, preemptions, move || {
+            let store = Arc::new(MemoryStore::with_shards_and_capacity(1, 8));
+            let v0 = committed("v0");
+            assert_eq!(cas(&store, "k", None, Some(&v0)), CasOutcome::Applied);
+            let handles: Vec<_> = (0..writers)
+                .map(|i| {
+                    let (store, v0) = (store.clone(), v0.clone());
+                    thread::spawn(move || {
+                        let mine = committed(&format!("w{i}"));
+                        let outcome = cas(&store, "k", Some(&v0), Some(&mine));
+                        (mine, outcome)
+                    })
+                })
+                .collect();
+            let read = reader.then(|| {
+                let store = store.clone();
+                thread::spawn(move || [load(&store, "k"), load(&store, "k")])
+            });
+            let results: Vec<_> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+            let winners: Vec<_> = results
+                .iter()
+                .filter(|(_, outcome)| *outcome == CasOutcome::Applied)
+                .map(|(mine, _)| mine.clone())
+                .collect();
+            assert_eq!(winners.len(), 1, "exactly one write applies: {results:?}");
+            let winner = &winners[0];
+            for (mine, outcome) in &results {
+                if mine != winner {
+                    assert_eq!(
+                        outcome,
+                        &CasOutcome::Mismatch {
+                            current: Some(winner.clone())
+                        },
+                        "a loser is told the winner's entry"
+                    );
+                }
+            }
+            if let Some(read) = read {
+                let [first, second] = read.join().unwrap();
+                // Never nothing, never a third entry, and never back to the old one.
+                for seen in [&first, &second] {
+                    let seen = seen.as_ref().expect("a read never finds the entry gone");
+                    assert!(seen == &v0 || seen == winner, "read {seen:?}");
+                }
+                if first.as_ref() == Some(winner) {
+                    assert_eq!(second.as_ref(), Some(winner), "a read went back in time");
+                }
+            }
+            assert_eq!(load(&store, "k").as_ref(), Some(winner));
+            assert_eq!(store.len(), 1);
+        });
+    }
+
+    #[test]
+    fn two_writers_same_expected() {
+        same_expected("store: 2 writers", 2, false, None);
+    }
+
+    #[test]
+    fn three_writers_same_expected() {
+        same_expected("store: 3 writers", 3, false, None);
+    }
+
+    #[test]
+    fn three_writers_and_a_reader() {
+        same_expected("store: 3 writers + reader", 3, true, None);
+    }
+
+    /// Load, then compare-and-set from what was loaded, retrying on a mismatch: the
+    /// read-modify-write every layer step is. No increment may be lost. Each entry is
+    /// unique (the count and the writer), as the layer's are: two equal entries would
+    /// be a replay by the trait's contract, and a replay counts as applied.
+    #[test]
+    fn read_modify_write_loses_no_update() {
+        model::check("store: 3 read-modify-writes", None, || {
+            let store = Arc::new(MemoryStore::with_shards_and_capacity(1, 8));
+            assert_eq!(
+                cas(&store, "n", None, Some(&committed("0"))),
+                CasOutcome::Applied
+            );
+            let handles: Vec<_> = (0..3)
+                .map(|writer| {
+                    let store = store.clone();
+                    thread::spawn(move || {
+                        let mut current = load(&store, "n");
+                        loop {
+                            let version = current.as_ref().unwrap().version().unwrap();
+                            let count = version.etag().opaque().split('.').next().unwrap();
+                            let n: u32 = count.parse().unwrap();
+                            let next = committed(&format!("{}.{writer}", n + 1));
+                            match cas(&store, "n", current.as_ref(), Some(&next)) {
+                                CasOutcome::Applied => return,
+                                CasOutcome::Mismatch { current: found } => current = found,
+                            }
+                        }
+                    })
+                })
+                .collect();
+            for handle in handles {
+                handle.join().unwrap();
+            }
+            let n = load(&store, "n").unwrap();
+            let tag = n.version().unwrap().etag().opaque().to_owned();
+            assert!(tag.starts_with("3."), "an update was lost: {tag}");
+        });
+    }
+
+    /// A full shard evicts only entries without a live lease, whatever the order of a
+    /// lease and a plain entry racing for the last slot.
+    #[test]
+    fn a_full_shard_never_evicts_a_live_lease() {
+        model::check("store: full shard, lease vs entry", None, || {
+            let store = Arc::new(MemoryStore::with_shards_and_capacity(1, 1));
+            let far = store.now_millis() + 3_600_000;
+            let leased =
+                Entry::from_parts(None, Some(Lease::from_parts(LeaseToken::random(), far)))
+                    .unwrap();
+            let lease = {
+                let (store, leased) = (store.clone(), leased.clone());
+                thread::spawn(move || cas(&store, "a", None, Some(&leased)))
+            };
+            let plain = {
+                let store = store.clone();
+                thread::spawn(move || {
+                    store
+                        .compare_and_set_now("b", None, Some(&committed("b")))
+                        .unwrap()
+                })
+            };
+            let reader = {
+                let store = store.clone();
+                thread::spawn(move || load(&store, "a"))
+            };
+            // The plain entry has no lease, so the lease can always evict it.
+            assert_eq!(lease.join().unwrap(), CasOutcome::Applied);
+            let plain = plain.join().unwrap();
+            let seen = reader.join().unwrap();
+            assert!(seen.is_none() || seen.as_ref() == Some(&leased));
+            assert_eq!(
+                load(&store, "a").as_ref(),
+                Some(&leased),
+                "the live lease is kept"
+            );
+            assert_eq!(store.len(), 1);
+            // The plain entry got in only before the lease, and was evicted by it.
+            if plain.is_ok() {
+                assert_eq!(load(&store, "b"), None);
+            }
+        });
     }
 }
