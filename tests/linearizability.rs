@@ -468,45 +468,15 @@ fn faketime_library() -> Option<PathBuf> {
 /// its writer, on another, still counts on it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sqlite_store_histories_survive_hosts_a_second_apart() {
-    let Some(faketime) = faketime_library() else {
-        return;
-    };
     let url = sqlite_url("store-skew");
     let env = [("DATABASE_URL", url.as_str()), ("LEASE_MS", FAULT_LEASE_MS)];
-    let preload = faketime.display().to_string();
-    let servers = Servers::start_each("axum_sqlite_store", &env, 3, |i| match i {
-        0 => Vec::new(),
-        i => vec![
-            ("LD_PRELOAD".to_owned(), preload.clone()),
-            (
-                "FAKETIME".to_owned(),
-                if i == 1 { "+1s" } else { "-1s" }.to_owned(),
-            ),
-        ],
-    })
-    .await;
-    let faults = {
-        let servers = servers.clone();
-        move |injected: Arc<AtomicUsize>| async move {
-            for round in 0.. {
-                tokio::time::sleep(Duration::from_millis(400)).await;
-                injected.fetch_add(1, Ordering::SeqCst);
-                servers.kill_and_restart(round % servers.count()).await;
-            }
-        }
-    };
-    let summary = run_and_check("sqlite-store-skew", &servers, fault_workload(14), faults).await;
-    assert!(summary.applied > 0, "{summary}");
+    skewed_run("sqlite-store-skew", "axum_sqlite_store", &env, 14).await;
 }
 
-/// The same with Redis, where the lease clock is the Redis server's: two of three
-/// processes a second off.
+/// The same with Redis, where the lease clock is the Redis server's.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[cfg_attr(not(tp_redis), ignore = "set REDIS_URL to run")]
 async fn redis_store_histories_survive_hosts_a_second_apart() {
-    let Some(faketime) = faketime_library() else {
-        return;
-    };
     let Some((url, prefix, _cleanup)) = redis_env().await else {
         return;
     };
@@ -515,8 +485,17 @@ async fn redis_store_histories_survive_hosts_a_second_apart() {
         ("REDIS_PREFIX", prefix.as_str()),
         ("LEASE_MS", FAULT_LEASE_MS),
     ];
+    skewed_run("redis-skew", "axum_redis", &env, 15).await;
+}
+
+/// Three processes of `example`, the second a second ahead and the third a second
+/// behind, one killed and restarted every 400 ms, clients giving up now and then.
+async fn skewed_run(label: &str, example: &str, env: &[(&str, &str)], seed: u64) {
+    let Some(faketime) = faketime_library() else {
+        return;
+    };
     let preload = faketime.display().to_string();
-    let servers = Servers::start_each("axum_redis", &env, 3, |i| match i {
+    let servers = Servers::start_each(example, env, 3, |i| match i {
         0 => Vec::new(),
         i => vec![
             ("LD_PRELOAD".to_owned(), preload.clone()),
@@ -537,7 +516,7 @@ async fn redis_store_histories_survive_hosts_a_second_apart() {
             }
         }
     };
-    let summary = run_and_check("redis-skew", &servers, fault_workload(15), faults).await;
+    let summary = run_and_check(label, &servers, fault_workload(seed), faults).await;
     assert!(summary.applied > 0, "{summary}");
 }
 
