@@ -279,6 +279,55 @@ async fn postgres_transactional_histories_on_three_processes_are_linearizable() 
     plain_run("pg-tx", "axum_postgres", &[("DATABASE_URL", &url)], 3, 6).await;
 }
 
+/// Store mode on Postgres (`PreconditionLayer` over `PostgresStore`, the items in a
+/// table of their own, written by the handler between reserve and settle). No example
+/// server runs this mode, so three instances of the test app run here, each with its
+/// own layer, entry cache and connection pool, on one version table.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(not(tp_postgres), ignore = "set DATABASE_URL to run")]
+async fn postgres_store_histories_on_three_instances_are_linearizable() {
+    let Some(url) = server_url("DATABASE_URL") else {
+        return;
+    };
+    let versions = postgres_support::unique("lin_versions").replace('-', "_");
+    let items = postgres_support::unique("lin_items").replace('-', "_");
+    let mut addrs = Vec::new();
+    for i in 0..3 {
+        let pool = postgres_support::pool_for(&url, 4);
+        if i == 0 {
+            postgres_support::items_table(&pool, &items).await;
+        }
+        let store = postgres_support::store(&pool, &versions).await;
+        let (app, _) = postgres_support::app(postgres_support::Mode::Store, store, &items);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        addrs.push(listener.local_addr().unwrap());
+        tokio::spawn(async move { axum::serve(listener, app).await });
+    }
+    let recorder = Recorder::new();
+    let workload = Workload {
+        patch: false,
+        ..workload(16)
+    };
+    let prefix = unique_id("pg-store");
+    let addrs: Addrs = Arc::new(RwLock::new(addrs));
+    run_clients(addrs.clone(), &prefix, &workload, &recorder).await;
+    linearizability::read_all(addrs, &prefix, &workload, &recorder).await;
+    let summary = recorder.check(&report_path("pg-store"));
+    println!(
+        "pg-store: 3 instances of the Postgres store-mode app, {} clients: {summary}",
+        workload.clients
+    );
+    assert!(summary.applied > 0 && summary.refused > 0, "{summary}");
+    let pool = postgres_support::pool_for(&url, 1);
+    if let Ok(client) = pool.get().await {
+        let _ = client
+            .batch_execute(&format!(
+                "DROP TABLE IF EXISTS {items}; DROP TABLE IF EXISTS {versions}"
+            ))
+            .await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[cfg_attr(not(tp_postgres), ignore = "set DATABASE_URL to run")]
 async fn sqlx_row_version_histories_on_three_processes_are_linearizable() {

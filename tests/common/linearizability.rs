@@ -683,6 +683,8 @@ pub struct Workload {
     /// Give up on an exchange after this long (then it is indeterminate).
     pub request_limit: Duration,
     pub seed: u64,
+    /// Whether the server routes `PATCH` (when not, those writes are `PUT`s).
+    pub patch: bool,
 }
 
 impl Default for Workload {
@@ -694,6 +696,7 @@ impl Default for Workload {
             abandon_percent: 0,
             request_limit: Duration::from_secs(10),
             seed: 0x5eed,
+            patch: true,
         }
     }
 }
@@ -787,8 +790,12 @@ pub async fn run_clients(addrs: Addrs, prefix: &str, workload: &Workload, record
                                 .await
                         }
                         (Some(tag), 70..=84) => {
-                            ctx.write(Method::PATCH, Cond2::Tag(tag), Some(body), send)
-                                .await
+                            let method = if workload.patch {
+                                Method::PATCH
+                            } else {
+                                Method::PUT
+                            };
+                            ctx.write(method, Cond2::Tag(tag), Some(body), send).await
                         }
                         (Some(tag), 85..=91) => {
                             ctx.write(Method::DELETE, Cond2::Tag(tag), None, send).await
