@@ -359,10 +359,18 @@ async fn main() -> Result<(), Box<dyn Error>> {
     let store = SqliteStore::connect(&url).await?;
     store.migrate().await?;
     let db = store.pool().clone();
-    // Like `migrate`, safe when several processes start at once.
-    let mut tx = db.begin_with("BEGIN IMMEDIATE").await?;
-    sqlx::query(ITEMS_TABLE).execute(&mut *tx).await?;
-    tx.commit().await?;
+    // Like `migrate`: safe when several processes start at once, and only a read when
+    // the table exists (a process restarting while others write still starts).
+    let exists: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = 'items'",
+    )
+    .fetch_one(&db)
+    .await?;
+    if exists == 0 {
+        let mut tx = db.begin_with("BEGIN IMMEDIATE").await?;
+        sqlx::query(ITEMS_TABLE).execute(&mut *tx).await?;
+        tx.commit().await?;
+    }
 
     let listener = tokio::net::TcpListener::bind(&addr).await?;
     println!("listening on http://{}", listener.local_addr()?);

@@ -373,9 +373,22 @@ impl SqliteStore {
 
     /// Creates the tables if they do not exist ([`migration_sql`](Self::migration_sql)).
     /// Idempotent, and safe to call from several processes at once: it runs under
-    /// `BEGIN IMMEDIATE`, so concurrent migrations take turns.
+    /// `BEGIN IMMEDIATE`, so concurrent migrations take turns. When both tables exist
+    /// already it only reads, and takes no write lock: a process that restarts while
+    /// others keep the file busy with writes still starts.
     pub async fn migrate(&self) -> Result<(), StoreError> {
         let context = "creating the versions table";
+        let existing: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name IN (?1, ?2)",
+        )
+        .bind(VERSIONS_TABLE)
+        .bind(CLOCK_TABLE)
+        .fetch_one(&self.pool)
+        .await
+        .map_err(|e| sqlite_error(context, e))?;
+        if existing == 2 {
+            return Ok(());
+        }
         let mut tx = self
             .pool
             .begin_with("BEGIN IMMEDIATE")
