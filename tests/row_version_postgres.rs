@@ -74,11 +74,13 @@ impl Db {
         let client = pool.get().await.unwrap();
         client
             .batch_execute(&format!(
+                // One implicit transaction: the lock must last until it commits (a
+                // session lock released before the commit let a second test create the
+                // same table beside the first's uncommitted one).
                 "SET client_min_messages = warning; \
-                 SELECT pg_advisory_lock(hashtext('{TABLE}')); {}; \
+                 SELECT pg_advisory_xact_lock(hashtext('{TABLE}')); {}; \
                  CREATE TABLE IF NOT EXISTS {TABLE} (id TEXT PRIMARY KEY, body TEXT NOT NULL, \
-                 version BIGINT NOT NULL, modified_at TIMESTAMPTZ NOT NULL); \
-                 SELECT pg_advisory_unlock(hashtext('{TABLE}'))",
+                 version BIGINT NOT NULL, modified_at TIMESTAMPTZ NOT NULL)",
                 PgRowSql::new(TABLE).create_sequence()
             ))
             .await
