@@ -169,6 +169,24 @@ impl Servers {
     }
 }
 
+/// A fault task that `SIGKILL`s and restarts the processes one after another, every
+/// `period`.
+fn kill_in_turn(
+    servers: Arc<Servers>,
+    period: Duration,
+) -> impl FnOnce(Arc<AtomicUsize>) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>
+{
+    move |injected| {
+        Box::pin(async move {
+            for round in 0.. {
+                tokio::time::sleep(period).await;
+                injected.fetch_add(1, Ordering::SeqCst);
+                servers.kill_and_restart(round % servers.count()).await;
+            }
+        })
+    }
+}
+
 async fn start_with(example: &str, env: &[(String, String)]) -> ExampleServer {
     let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
     ExampleServer::start(example, &env).await
@@ -459,16 +477,7 @@ async fn sqlite_store_kill_run(label: &str, lease_ms: &str) {
     let url = sqlite_url(label);
     let env = [("DATABASE_URL", url.as_str()), ("LEASE_MS", lease_ms)];
     let servers = Servers::start("axum_sqlite_store", &env, 3).await;
-    let faults = {
-        let servers = servers.clone();
-        move |injected: Arc<AtomicUsize>| async move {
-            for round in 0.. {
-                tokio::time::sleep(Duration::from_millis(300)).await;
-                injected.fetch_add(1, Ordering::SeqCst);
-                servers.kill_and_restart(round % servers.count()).await;
-            }
-        }
-    };
+    let faults = kill_in_turn(servers.clone(), Duration::from_millis(300));
     let workload = fault_workload(11);
     let summary = run_and_check(label, &servers, workload, faults).await;
     assert!(summary.applied > 0, "{summary}");
@@ -580,16 +589,7 @@ async fn skewed_run(label: &str, example: &str, env: &[(&str, &str)], seed: u64)
         ],
     })
     .await;
-    let faults = {
-        let servers = servers.clone();
-        move |injected: Arc<AtomicUsize>| async move {
-            for round in 0.. {
-                tokio::time::sleep(Duration::from_millis(400)).await;
-                injected.fetch_add(1, Ordering::SeqCst);
-                servers.kill_and_restart(round % servers.count()).await;
-            }
-        }
-    };
+    let faults = kill_in_turn(servers.clone(), Duration::from_millis(400));
     let summary = run_and_check(label, &servers, fault_workload(seed), faults).await;
     assert!(summary.applied > 0, "{summary}");
 }

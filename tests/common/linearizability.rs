@@ -194,7 +194,7 @@ struct Recorded {
     returned: Option<Duration>,
 }
 
-#[derive(Default)]
+#[derive(Default, Clone)]
 struct Log {
     ops: Vec<Recorded>,
     /// Calls and returns, in the order they happened (`true` = a return).
@@ -273,10 +273,6 @@ impl Recorder {
         next
     }
 
-    fn tag_name(&self, id: TagId) -> Option<String> {
-        self.lock().tag_names.get(id as usize).cloned()
-    }
-
     /// Marks the call of an operation; returns its index.
     fn call(&self, client: usize, item: usize, op: Op, text: String) -> usize {
         let called = self.start.elapsed();
@@ -339,7 +335,7 @@ impl Recorder {
     /// [`check`](Self::check), returning the failing item's history as the error.
     pub fn verify(&self) -> Result<Summary, String> {
         let started = Instant::now();
-        let mut log = self.lock().clone_for_check();
+        let mut log = self.lock().clone();
         let mut summary = Summary::default();
 
         // Tags that an applied write made current, and the body each carried.
@@ -502,17 +498,6 @@ impl Recorder {
 impl Default for Recorder {
     fn default() -> Self {
         Self::new()
-    }
-}
-
-impl Log {
-    fn clone_for_check(&self) -> Log {
-        Log {
-            ops: self.ops.clone(),
-            events: self.events.clone(),
-            tags: self.tags.clone(),
-            tag_names: self.tag_names.clone(),
-        }
     }
 }
 
