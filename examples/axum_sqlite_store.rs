@@ -28,8 +28,12 @@
 //! precondition is looked at (no `304`, no `412`, no `ETag` to give it away).
 //!
 //! The versions live in a [`SqliteStore`] (store mode), the items in a plain `items`
-//! table of the same file. The handlers write unconditionally: the layer has checked
-//! the preconditions and holds the item for them, across every process on the file.
+//! table of the same file. The layer has checked the preconditions and holds the item
+//! for the handler, across every process on the file; each write runs in a
+//! transaction that first checks that hold
+//! ([`check_fence`](SqliteStore::check_fence)), so a write that outlives its request
+//! (the client went away, the deadline passed, a process whose clock runs ahead took
+//! the item over) changes nothing instead of landing over a newer one.
 
 use std::{env, error::Error, io::IsTerminal, time::Duration};
 
@@ -42,7 +46,7 @@ use axum::{
     Extension, Json, Router,
 };
 use serde_json::{json, Map, Value};
-use sqlx::SqlitePool;
+use sqlx::{Sqlite, SqlitePool, Transaction};
 use tower_precondition::{store::SqliteStore, PreconditionLayer, Reservation};
 use tracing_subscriber::EnvFilter;
 
@@ -103,7 +107,10 @@ fn database_error(error: sqlx::Error) -> Response {
 }
 
 /// The item `id`, if there is one.
-async fn load_item(db: &SqlitePool, id: &str) -> Result<Option<Value>, sqlx::Error> {
+async fn load_item(
+    db: impl sqlx::SqliteExecutor<'_>,
+    id: &str,
+) -> Result<Option<Value>, sqlx::Error> {
     let body: Option<String> = sqlx::query_scalar("SELECT body FROM items WHERE id = ?1")
         .bind(id)
         .fetch_optional(db)
@@ -111,10 +118,45 @@ async fn load_item(db: &SqlitePool, id: &str) -> Result<Option<Value>, sqlx::Err
     Ok(body.map(|body| serde_json::from_str(&body).unwrap_or(Value::Null)))
 }
 
-async fn get_item(Path(id): Path<String>, State(db): State<SqlitePool>) -> Response {
-    match load_item(&db, &id).await {
+async fn get_item(Path(id): Path<String>, State(store): State<SqliteStore>) -> Response {
+    match load_item(store.pool(), &id).await {
         Ok(Some(item)) => fresh_item(Json(item)),
         Ok(None) => not_found(&id),
+        Err(error) => database_error(error),
+    }
+}
+
+/// Begins the write's transaction, fenced: it holds the file's write lock
+/// (`BEGIN IMMEDIATE`) and has checked that the layer still holds the item for this
+/// request. A write that outlives its request (the client went away, the deadline
+/// passed, another process took the item over) then finds its lease gone and changes
+/// nothing, instead of landing over a newer write.
+async fn begin_fenced(
+    store: &SqliteStore,
+    reservation: &Reservation,
+) -> Result<Transaction<'static, Sqlite>, Response> {
+    let mut tx = store
+        .pool()
+        .begin_with("BEGIN IMMEDIATE")
+        .await
+        .map_err(database_error)?;
+    match store.check_fence(&mut tx, &reservation.fence()).await {
+        Ok(()) => Ok(tx),
+        Err(error) => {
+            tracing::warn!(%error, key = reservation.key(), "write not applied");
+            Err(problem(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "Write not applied",
+                "the write could not be completed in time; nothing was changed",
+            ))
+        }
+    }
+}
+
+/// Commits a fenced write and answers `response`.
+async fn commit(tx: Transaction<'static, Sqlite>, response: Response) -> Response {
+    match tx.commit().await {
+        Ok(()) => response,
         Err(error) => database_error(error),
     }
 }
@@ -123,7 +165,7 @@ async fn get_item(Path(id): Path<String>, State(db): State<SqlitePool>) -> Respo
 /// item for us; the [`Reservation`] says whether it knew a version of it.
 async fn put_item(
     Path(id): Path<String>,
-    State(db): State<SqlitePool>,
+    State(store): State<SqliteStore>,
     Extension(reservation): Extension<Reservation>,
     headers: HeaderMap,
     body: Bytes,
@@ -132,15 +174,19 @@ async fn put_item(
         Ok(value) => value,
         Err(error) => return invalid_json(error),
     };
+    let mut tx = match begin_fenced(&store, &reservation).await {
+        Ok(tx) => tx,
+        Err(response) => return response,
+    };
     let text = value.to_string();
     let inserted =
         sqlx::query("INSERT INTO items (id, body) VALUES (?1, ?2) ON CONFLICT (id) DO NOTHING")
             .bind(&id)
             .bind(&text)
-            .execute(&db)
+            .execute(&mut *tx)
             .await;
     match inserted {
-        Ok(done) if done.rows_affected() == 1 => return created(&id, value),
+        Ok(done) if done.rows_affected() == 1 => return commit(tx, created(&id, value)).await,
         Ok(_) => {}
         Err(error) => return database_error(error),
     }
@@ -157,10 +203,10 @@ async fn put_item(
     let updated = sqlx::query("UPDATE items SET body = ?2 WHERE id = ?1")
         .bind(&id)
         .bind(&text)
-        .execute(&db)
+        .execute(&mut *tx)
         .await;
     match updated {
-        Ok(_) => Json(value).into_response(),
+        Ok(_) => commit(tx, Json(value).into_response()).await,
         Err(error) => database_error(error),
     }
 }
@@ -176,7 +222,12 @@ fn created(id: &str, value: Value) -> Response {
 }
 
 /// A shallow merge: each field of the patch replaces the item's, `null` removes it.
-async fn patch_item(Path(id): Path<String>, State(db): State<SqlitePool>, body: Bytes) -> Response {
+async fn patch_item(
+    Path(id): Path<String>,
+    State(store): State<SqliteStore>,
+    Extension(reservation): Extension<Reservation>,
+    body: Bytes,
+) -> Response {
     let patch = match serde_json::from_slice(&body) {
         Ok(Value::Object(patch)) => patch,
         Ok(_) => {
@@ -188,7 +239,12 @@ async fn patch_item(Path(id): Path<String>, State(db): State<SqlitePool>, body: 
         }
         Err(error) => return invalid_json(error),
     };
-    let mut item = match load_item(&db, &id).await {
+    let mut tx = match begin_fenced(&store, &reservation).await {
+        Ok(tx) => tx,
+        Err(response) => return response,
+    };
+    // Read and write in the one transaction: the item merged into is the item replaced.
+    let mut item = match load_item(&mut *tx, &id).await {
         Ok(Some(item)) => item,
         Ok(None) => return not_found(&id),
         Err(error) => return database_error(error),
@@ -201,14 +257,13 @@ async fn patch_item(Path(id): Path<String>, State(db): State<SqlitePool>, body: 
         );
     };
     merge(fields, patch);
-    // Unconditional: the layer holds the item while this handler runs.
     let updated = sqlx::query("UPDATE items SET body = ?2 WHERE id = ?1")
         .bind(&id)
         .bind(item.to_string())
-        .execute(&db)
+        .execute(&mut *tx)
         .await;
     match updated {
-        Ok(_) => Json(item).into_response(),
+        Ok(_) => commit(tx, Json(item).into_response()).await,
         Err(error) => database_error(error),
     }
 }
@@ -223,13 +278,23 @@ fn merge(fields: &mut Map<String, Value>, patch: Map<String, Value>) {
     }
 }
 
-async fn delete_item(Path(id): Path<String>, State(db): State<SqlitePool>) -> Response {
+async fn delete_item(
+    Path(id): Path<String>,
+    State(store): State<SqliteStore>,
+    Extension(reservation): Extension<Reservation>,
+) -> Response {
+    let mut tx = match begin_fenced(&store, &reservation).await {
+        Ok(tx) => tx,
+        Err(response) => return response,
+    };
     let deleted = sqlx::query("DELETE FROM items WHERE id = ?1")
         .bind(&id)
-        .execute(&db)
+        .execute(&mut *tx)
         .await;
     match deleted {
-        Ok(done) if done.rows_affected() > 0 => StatusCode::NO_CONTENT.into_response(),
+        Ok(done) if done.rows_affected() > 0 => {
+            commit(tx, StatusCode::NO_CONTENT.into_response()).await
+        }
         Ok(_) => not_found(&id),
         Err(error) => database_error(error),
     }
@@ -260,8 +325,9 @@ async fn visible(db: &SqlitePool, id: &str, caller: Option<&str>) -> bool {
 }
 
 /// The application: the routes, wrapped in the precondition layer.
-fn app(db: SqlitePool, store: SqliteStore, require_preconditions: bool, lease: Duration) -> Router {
-    let layer = PreconditionLayer::new(store)
+fn app(store: SqliteStore, require_preconditions: bool, lease: Duration) -> Router {
+    let db = store.pool().clone();
+    let layer = PreconditionLayer::new(store.clone())
         .lease(lease)
         .require_precondition(require_preconditions)
         // The application decides who may see an item before any precondition is
@@ -298,7 +364,7 @@ fn app(db: SqlitePool, store: SqliteStore, require_preconditions: bool, lease: D
                 .patch(patch_item)
                 .delete(delete_item),
         )
-        .with_state(db)
+        .with_state(store)
         // `route_layer`: only matched routes are versioned (an unknown path is a plain
         // 404, and never gets a version). The key is the canonical request path (the
         // default), so each item is versioned on its own.
@@ -375,7 +441,7 @@ async fn main() -> Result<(), Box<dyn Error>> {
     let listener = tokio::net::TcpListener::bind(&addr).await?;
     println!("listening on http://{}", listener.local_addr()?);
     tracing::info!(require_preconditions = require, %url, "serving /items/{{id}}");
-    axum::serve(listener, app(db, store, require, lease))
+    axum::serve(listener, app(store, require, lease))
         .with_graceful_shutdown(shutdown_signal())
         .await?;
     tracing::info!("shut down");

@@ -25,7 +25,7 @@ use crate::{
     layer::Config,
     request_body::WatchFlag,
     response::Problem,
-    store::{AtomicVersionStore, CasOutcome, Entry, Lease, LeaseToken, StoreError, Version},
+    store::{AtomicVersionStore, CasOutcome, Entry, Fence, Lease, LeaseToken, StoreError, Version},
 };
 
 /// What a handler sees in the request extensions of a write the layer reserved.
@@ -50,6 +50,7 @@ pub struct Reservation {
     replacing: Option<Version>,
     create: bool,
     deadline: Instant,
+    token: LeaseToken,
 }
 
 impl Reservation {
@@ -79,6 +80,18 @@ impl Reservation {
     /// judged by the store's clock.
     pub fn deadline(&self) -> std::time::Instant {
         self.deadline.into_std()
+    }
+
+    /// The write's lease as the handler's own transaction checks it, where the data
+    /// lives in the store's database ([`SqliteStore::check_fence`], and
+    /// [`PostgresStore::check_fence`]): the data write then commits only while the
+    /// lease is held, and a statement that outlives its handler (a dropped request, a
+    /// missed deadline, a lease taken over) can never land over a newer write.
+    ///
+    /// [`SqliteStore::check_fence`]: crate::store::SqliteStore::check_fence
+    /// [`PostgresStore::check_fence`]: crate::store::PostgresStore::check_fence
+    pub fn fence(&self) -> Fence {
+        Fence::new(self.key.clone(), self.token)
     }
 }
 
@@ -167,6 +180,7 @@ impl WriteGuard {
             replacing: self.replacing.clone(),
             create: self.create,
             deadline: self.deadline,
+            token: self.token(),
         }
     }
 

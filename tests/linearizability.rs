@@ -450,25 +450,23 @@ async fn redis_fault_run(label: &str, lease_ms: &str, stall: Duration) {
     assert!(summary.applied > 0, "{summary}");
 }
 
-/// Finding, not yet explained: this run passed here many times, then failed once in a
-/// clean-clone CI run (an item read back `404` where the history allows no delete;
-/// the report kept the history: a `DELETE` abandoned 254 µs after it was sent, then
-/// servers killed). Ignored until it is understood; run by hand with `--ignored`.
+/// Three processes on one SQLite file (store mode), killed and restarted in turn while
+/// clients give up mid-request and mid-upload. Once a finding: the handlers' writes
+/// then ran outside any check of their lease, so a write abandoned mid-statement could
+/// commit after the layer had settled it; they are now fenced
+/// (`SqliteStore::check_fence`, see `tests/fencing.rs`).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "finding: one unexplained failure under kills (run by hand)"]
 async fn sqlite_store_histories_survive_processes_killed_mid_write() {
     sqlite_store_kill_run("sqlite-store-kill", FAULT_LEASE_MS).await;
 }
 
-/// Finding, not yet fixed: with a lease so short that a handler waiting for SQLite's
-/// write lock misses its deadline, the layer answers `503` and gives the item a fresh
-/// version, but the statement the handler already handed to SQLite still commits
-/// later, over a write that won in between: a lost update (seen: a read served a later
-/// write's tag with the cut-off write's body). The layer cannot stop a write the
-/// application has already sent; the fix needs the data write itself to check that
-/// its lease is still held (a fencing token). Run by hand with `--ignored`.
+/// The same with a lease so short that handlers waiting for SQLite's write lock miss
+/// their deadline. Once a finding: the layer answered `503` and gave the item a fresh
+/// version, but the statement the handler had already handed to SQLite committed
+/// later, over a write that won in between (a read served a later write's tag with the
+/// cut-off write's body). The fenced write now finds its lease gone and changes
+/// nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "finding: a write cut off by its deadline can still land (run by hand)"]
 async fn sqlite_store_write_landing_after_its_handler_deadline() {
     sqlite_store_kill_run("sqlite-store-zombie", "400").await;
 }
@@ -541,15 +539,12 @@ fn faketime_library() -> Option<PathBuf> {
 /// Three processes on one SQLite file, one a second ahead and one a second behind
 /// (libfaketime), while processes are killed mid-write and clients give up.
 ///
-/// Finding, by design out of scope: the SQLite store's clock is the hosts' wall clock
-/// (kept monotonic in the file), which is sound because a SQLite file is shared only
-/// by processes on one host, with one clock. Processes whose clocks differ (which only
-/// a tool like libfaketime can make on one host) move that clock in jumps, shorten each
-/// other's live leases by the difference, and can then both write: this run fails.
-/// Run by hand with `--ignored`; Redis, whose lease clock is the server's, is run in
-/// CI below.
+/// The SQLite store's clock is the hosts' wall clock (kept monotonic in the file), so
+/// processes whose clocks differ shorten each other's live leases by the difference
+/// and take over writes still running. Once a finding (both writes landed); the
+/// handler's write is now fenced, so the one whose lease was taken over changes
+/// nothing, and the takeover's fresh version refuses every tag handed out before.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "finding: SQLite processes with different clocks shorten each other's leases (run by hand)"]
 async fn sqlite_store_histories_survive_hosts_a_second_apart() {
     let url = sqlite_url("store-skew");
     let env = [("DATABASE_URL", url.as_str()), ("LEASE_MS", FAULT_LEASE_MS)];

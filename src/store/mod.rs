@@ -72,6 +72,9 @@ use std::{
 
 use crate::etag::EntityTag;
 
+mod fence;
+pub use fence::{Fence, FenceError};
+
 #[cfg(feature = "memory")]
 mod memory;
 #[cfg(feature = "memory")]

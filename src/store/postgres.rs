@@ -159,7 +159,10 @@ use std::{
 use deadpool_postgres::{Manager, ManagerConfig, Object, Pool, PoolError, RecyclingMethod};
 use tokio_postgres::{error::SqlState, types::ToSql, NoTls, Row};
 
-use super::{AtomicVersionStore, CasOutcome, Entry, Lease, LeaseToken, StoreError, Version};
+use super::{
+    AtomicVersionStore, CasOutcome, Entry, Fence, FenceError, Lease, LeaseToken, StoreError,
+    Version,
+};
 use crate::etag::EntityTag;
 
 /// The table name used unless [`PostgresStore::table`] sets another.
@@ -296,6 +299,57 @@ impl PostgresStore {
     /// The pool the store uses.
     pub fn pool(&self) -> &Pool {
         &self.pool
+    }
+
+    /// Checks, inside the handler's own transaction `tx` on this database, that the
+    /// write `fence` names still holds its lease (see [`Fence`]): write
+    /// the data in `tx` after this returns `Ok`, and commit. If the lease is gone (the
+    /// write was abandoned or cut off at its deadline and settled meanwhile, or another
+    /// process took it over), `Err(FenceError::LeaseLost)`: roll back and answer `503`.
+    ///
+    /// The check reads the versions row `FOR SHARE`: until `tx` ends, no settle or
+    /// takeover can replace the lease, so the data write commits only while the lease
+    /// is held. No clock is involved: a write that commits with its lease still in the
+    /// row comes before any takeover, which treats its outcome as unknown and gives
+    /// the resource a fresh version. (For a handler whose data is all in this database,
+    /// the [transactional mode](crate::transactional) needs no lease at all.)
+    ///
+    /// ```no_run
+    /// use tower_precondition::{store::PostgresStore, Reservation};
+    ///
+    /// async fn put_item(
+    ///     store: &PostgresStore,
+    ///     reservation: &Reservation,
+    ///     body: &str,
+    /// ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+    ///     let mut client = store.pool().get().await?;
+    ///     let tx = client.transaction().await?;
+    ///     store.check_fence(&tx, &reservation.fence()).await?;
+    ///     tx.execute(
+    ///         "INSERT INTO items (id, body) VALUES ($1, $2) \
+    ///          ON CONFLICT (id) DO UPDATE SET body = excluded.body",
+    ///         &[&reservation.key(), &body],
+    ///     )
+    ///     .await?;
+    ///     tx.commit().await?; // dropped before this line: rolled back
+    ///     Ok(())
+    /// }
+    /// ```
+    pub async fn check_fence(
+        &self,
+        tx: &tokio_postgres::Transaction<'_>,
+        fence: &Fence,
+    ) -> Result<(), FenceError> {
+        let held = tx
+            .query_opt(&self.sql.fence, &[&fence.key(), &fence.token().to_string()])
+            .await
+            .map_err(|e| pg_error("checking the lease", e))?;
+        if held.is_some() {
+            Ok(())
+        } else {
+            tracing::warn!(key = fence.key(), "lease lost before the handler's write");
+            Err(FenceError::LeaseLost)
+        }
     }
 
     pub(crate) fn sql(&self) -> &Arc<Sql> {
@@ -601,6 +655,8 @@ pub(crate) struct Sql {
     create: String,
     replace: String,
     remove: String,
+    /// Fencing: the lease is still held (a release marker, expiry 0, holds nothing).
+    fence: String,
     /// Transactional mode: lock the row, or insert a provisional one for a create.
     pub(crate) tx_lock: String,
     /// Transactional mode: write the final version (no lease).
@@ -674,6 +730,10 @@ impl Sql {
                  WHERE t.resource_key = $1::text AND {matches_expected} \
                  AND EXISTS (SELECT 1 FROM cur) RETURNING 1) \
                  SELECT (SELECT count(*) FROM del) AS applied, {ENTRY_COLUMNS} FROM cur"
+            ),
+            fence: format!(
+                "SELECT 1 FROM {t} WHERE resource_key = $1::text AND lease_token = $2::text \
+                 AND lease_expires_at_ms <> 0 FOR SHARE"
             ),
             tx_lock: format!(
                 "{lock_current}, ins AS (INSERT INTO {t} \

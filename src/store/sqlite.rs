@@ -118,6 +118,15 @@
 //!
 //! The layer reads the clock about once a second per process, so its writes are few.
 //!
+//! # Fencing the handler's write
+//!
+//! sqlx runs SQLite statements on a worker thread: a statement a handler has sent runs
+//! to its end even when the handler is dropped (a client gone, the deadline passed),
+//! and so can commit after the layer settled the write, over a newer write. When the
+//! items live in the same file, write them in a `BEGIN IMMEDIATE` transaction that
+//! first calls [`check_fence`](SqliteStore::check_fence): that write then commits only
+//! while its lease is held, whatever the clocks of the processes on the file say.
+//!
 //! # The tables
 //!
 //! [`migrate`](SqliteStore::migrate) creates them if they do not exist (idempotent, and
@@ -168,7 +177,10 @@ use sqlx::{
     Row,
 };
 
-use super::{AtomicVersionStore, CasOutcome, Entry, Lease, LeaseToken, StoreError, Version};
+use super::{
+    AtomicVersionStore, CasOutcome, Entry, Fence, FenceError, Lease, LeaseToken, StoreError,
+    Version,
+};
 use crate::etag::EntityTag;
 
 /// The versions table.
@@ -401,6 +413,68 @@ impl SqliteStore {
         tx.commit().await.map_err(|e| sqlite_error(context, e))
     }
 
+    /// Checks, inside the handler's own transaction `tx`, that the write `fence`
+    /// names still holds its lease (see [`Fence`]): write the data in
+    /// `tx` after this returns `Ok`, and commit. If the lease is gone (the write was
+    /// abandoned or cut off at its deadline and settled meanwhile, or another process
+    /// took it over), `Err(FenceError::LeaseLost)`: roll back and answer `503`.
+    ///
+    /// Begin `tx` with `BEGIN IMMEDIATE` ([`SqlitePool::begin_with`]): it takes the
+    /// file's write lock first, so nothing can replace the lease between this check and
+    /// the commit. (In a deferred transaction the check is as safe, since SQLite then
+    /// refuses the write of a transaction whose snapshot is no longer the newest, but
+    /// it fails with `SQLITE_BUSY` instead of waiting.) The check needs no clock: a
+    /// write that commits while its lease is still in the row comes before any
+    /// takeover, which treats its outcome as unknown and gives the resource a fresh
+    /// version.
+    ///
+    /// ```
+    /// use axum::{extract::State, http::StatusCode, Extension};
+    /// use tower_precondition::{store::SqliteStore, Reservation};
+    ///
+    /// async fn put_item(
+    ///     State(store): State<SqliteStore>,
+    ///     Extension(reservation): Extension<Reservation>,
+    ///     body: String,
+    /// ) -> StatusCode {
+    ///     let written = async {
+    ///         let mut tx = store.pool().begin_with("BEGIN IMMEDIATE").await?;
+    ///         store.check_fence(&mut tx, &reservation.fence()).await?;
+    ///         sqlx::query("INSERT INTO items (id, body) VALUES (?1, ?2) \
+    ///                      ON CONFLICT (id) DO UPDATE SET body = excluded.body")
+    ///             .bind(reservation.key())
+    ///             .bind(&body)
+    ///             .execute(&mut *tx)
+    ///             .await?;
+    ///         tx.commit().await?;
+    ///         Ok::<_, Box<dyn std::error::Error>>(())
+    ///     };
+    ///     match written.await {
+    ///         Ok(()) => StatusCode::NO_CONTENT,
+    ///         Err(_) => StatusCode::SERVICE_UNAVAILABLE, // rolled back on drop
+    ///     }
+    /// }
+    /// # let _ = put_item;
+    /// ```
+    pub async fn check_fence(
+        &self,
+        tx: &mut sqlx::Transaction<'_, sqlx::Sqlite>,
+        fence: &Fence,
+    ) -> Result<(), FenceError> {
+        let held = sqlx::query(&self.sql.fence)
+            .bind(fence.key())
+            .bind(fence.token().to_string())
+            .fetch_optional(&mut **tx)
+            .await
+            .map_err(|e| sqlite_error("checking the lease", e))?;
+        if held.is_some() {
+            Ok(())
+        } else {
+            tracing::warn!(key = fence.key(), "lease lost before the handler's write");
+            Err(FenceError::LeaseLost)
+        }
+    }
+
     /// Runs `statement` (bound to `key`, then `expected`, then `new`) in a
     /// `BEGIN IMMEDIATE` transaction; if it returns no row, reads the entry it found
     /// under the same write lock.
@@ -529,6 +603,7 @@ struct Sql {
     create: String,
     replace: String,
     remove: String,
+    fence: String,
 }
 
 impl Sql {
@@ -576,6 +651,11 @@ impl Sql {
             ),
             remove: format!(
                 "DELETE FROM {t} WHERE resource_key = ?1 AND {MATCHES_EXPECTED} RETURNING 1"
+            ),
+            // A release marker (expiry 0) keeps the token but holds nothing.
+            fence: format!(
+                "SELECT 1 FROM {t} WHERE resource_key = ?1 AND lease_token = ?2 \
+                 AND lease_expires_at_ms <> 0"
             ),
         }
     }

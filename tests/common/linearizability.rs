@@ -15,7 +15,9 @@
 //! taken over gets a fresh tag, so a version whose write was cut short is never trusted)
 //! are explained only by indeterminate writes: each such tag is either the tag of an
 //! indeterminate write whose body a read saw with it, or an invalidation that keeps the
-//! body. A history without indeterminate operations admits neither.
+//! body (from that write's call on: it applied, then its version was replaced; or from
+//! the item's first indeterminate write). The first explanation is tried first, the
+//! second where it fails. A history without indeterminate operations admits neither.
 #![allow(dead_code)]
 
 use std::{
@@ -111,7 +113,21 @@ pub enum Op {
 /// (its `ETag` older than its body, which only makes the client's next `If-Match` fail).
 /// Never the other way round: an `ETag` newer than its body would let a stale body pass
 /// an `If-Match`.
+///
+/// A version can also stand for no body ([`NO_BODY`]): a `DELETE` whose outcome the
+/// layer never learnt leaves a fresh version whether or not the item went, so the item
+/// may be gone under a tag. It reads as missing (`404`), refuses a create
+/// (`If-None-Match: *`: the layer knows a version) and passes an `If-Match` on its tag.
 type State = Option<(TagId, BodyId, Option<TagId>)>;
+
+/// The body of a version over a missing item (see [`State`]); no client's body (those
+/// are `client << 32 | seq`), nor [`FOREIGN_BODY`].
+const NO_BODY: BodyId = BodyId::MAX - 1;
+
+/// Whether the item is missing: no version, or a version over no body.
+fn missing(state: &State) -> bool {
+    matches!(state, None | Some((_, NO_BODY, _)))
+}
 
 /// Whether `tag` describes `state`'s body: its own tag, or the one its write replaced.
 fn describes(tag: TagId, state: &State) -> bool {
@@ -136,13 +152,13 @@ impl Specification for ItemSpec {
 
     fn apply(op: &Op, state: &State) -> (bool, State) {
         match *op {
-            Op::Read(None) => (state.is_none(), *state),
+            Op::Read(None) => (missing(state), *state),
             Op::Read(Some((tag, body))) => (
                 matches!(state, Some((_, b, _)) if *b == body) && describes(tag, state),
                 *state,
             ),
             Op::ReadBody(body) => (matches!(state, Some((_, b, _)) if *b == body), *state),
-            Op::NotModified(tag) => (describes(tag, state), *state),
+            Op::NotModified(tag) => (!missing(state) && describes(tag, state), *state),
             Op::Write {
                 cond,
                 body,
@@ -162,7 +178,7 @@ impl Specification for ItemSpec {
                         (!cond.holds(state) && names_current, *state)
                     }
                     Outcome::Busy => (true, *state),
-                    Outcome::Missing => (state.is_none(), *state),
+                    Outcome::Missing => (missing(state), *state),
                     // Valid anywhere: where the condition holds it may have applied; where
                     // it did not apply the checker linearizes it last, with no effect.
                     Outcome::Unknown(tag) => {
@@ -176,7 +192,8 @@ impl Specification for ItemSpec {
             }
             Op::Invalidate(tag) => match state {
                 Some((old, body, _)) => (true, Some((tag, *body, Some(*old)))),
-                None => (false, *state),
+                // After a delete of unknown outcome: a version over no body.
+                None => (true, Some((tag, NO_BODY, None))),
             },
         }
     }
@@ -334,6 +351,16 @@ impl Recorder {
 
     /// [`check`](Self::check), returning the failing item's history as the error.
     pub fn verify(&self) -> Result<Summary, String> {
+        // First each unknown tag seen with an indeterminate write's body as that
+        // write's own (the small search); failing that, as an invalidation after it
+        // (see `explain_unknown_tags`). Either explanation is one the servers can give.
+        self.verify_explained(Explain::AsOwnTag).or_else(|first| {
+            self.verify_explained(Explain::AsInvalidation)
+                .map_err(|_| first)
+        })
+    }
+
+    fn verify_explained(&self, explain: Explain) -> Result<Summary, String> {
         let started = Instant::now();
         let mut log = self.lock().clone();
         let mut summary = Summary::default();
@@ -350,7 +377,7 @@ impl Recorder {
                 produced.entry(tag).or_default().push(i);
             }
         }
-        explain_unknown_tags(&mut log, &produced, &mut summary)?;
+        explain_unknown_tags(&mut log, &produced, &mut summary, explain)?;
         summary.unobserved = drop_unobserved_writes(&mut log);
 
         // Extra check 1: no two applied writes replaced the same tag (where no tag was
@@ -580,12 +607,25 @@ fn compact_processes(actions: Vec<(usize, Action<Op>)>) -> Vec<(usize, Action<Op
         .collect()
 }
 
+/// How a tag first seen with the body of an indeterminate write is explained.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Explain {
+    /// As that write's own tag.
+    AsOwnTag,
+    /// As an invalidation that may come any time after that write's call: the write
+    /// applied and its version was then replaced, maybe after another invalidation (a
+    /// takeover while the write's handler ran, then the fresh version of the write's
+    /// own settle). Looser, and a larger search: tried when the first fails.
+    AsInvalidation,
+}
+
 /// Gives each tag no applied write produced its explanation (see the module docs), or
 /// fails the check when the item had no indeterminate write to explain it.
 fn explain_unknown_tags(
     log: &mut Log,
     produced: &HashMap<TagId, Vec<usize>>,
     summary: &mut Summary,
+    explain: Explain,
 ) -> Result<(), String> {
     // Every tag a response named, in the order they were first seen, with its item and
     // the body seen with it (if any).
@@ -618,24 +658,35 @@ fn explain_unknown_tags(
                     && matches!(r.op, Op::Write { body: Some(b), outcome: Outcome::Unknown(None), .. } if b == body)
             })
         });
-        if let Some(owner) = owner.filter(|o| claimed.insert(*o)) {
-            if let Op::Write { outcome, .. } = &mut log.ops[owner].op {
-                *outcome = Outcome::Unknown(Some(tag));
+        if explain == Explain::AsOwnTag {
+            if let Some(owner) = owner.filter(|o| claimed.insert(*o)) {
+                if let Op::Write { outcome, .. } = &mut log.ops[owner].op {
+                    *outcome = Outcome::Unknown(Some(tag));
+                }
+                continue;
             }
-            continue;
         }
-        // Otherwise an invalidation, which only an indeterminate write can leave behind:
-        // it may happen from that write's call on.
-        let first_unknown = log.events.iter().position(|(i, is_return)| {
-            !is_return
-                && log.ops[*i].item == item
-                && matches!(
-                    log.ops[*i].op,
-                    Op::Write {
-                        outcome: Outcome::Unknown(_),
-                        ..
-                    }
-                )
+        // An invalidation: a fresh version that keeps the body, which only an
+        // indeterminate write can leave behind (its lease was taken over, or its
+        // outcome was never settled): from the call of the write whose body it was
+        // seen with, or else from the item's first indeterminate write on.
+        let owner_call = owner.and_then(|owner| {
+            log.events
+                .iter()
+                .position(|(i, is_return)| !is_return && *i == owner)
+        });
+        let first_unknown = owner_call.or_else(|| {
+            log.events.iter().position(|(i, is_return)| {
+                !is_return
+                    && log.ops[*i].item == item
+                    && matches!(
+                        log.ops[*i].op,
+                        Op::Write {
+                            outcome: Outcome::Unknown(_),
+                            ..
+                        }
+                    )
+            })
         });
         let Some(at) = first_unknown else {
             let name = log.tag_names[tag as usize].clone();
@@ -1204,5 +1255,103 @@ impl Proxy {
 impl Drop for Proxy {
     fn drop(&mut self) {
         self.task.abort();
+    }
+}
+
+/// The checker on histories written by hand: what it must accept and refuse.
+#[cfg(test)]
+mod checker_tests {
+    use super::*;
+
+    /// A history, one operation at a time, each returning before the next is called
+    /// (or never returning: indeterminate).
+    struct Script(Recorder);
+
+    impl Script {
+        fn new() -> Self {
+            Self(Recorder::new())
+        }
+
+        fn tag(&self, name: &str) -> TagId {
+            self.0.tag(name)
+        }
+
+        fn done(&self, op: Op) {
+            let index = self.0.call(0, 0, op, format!("{op:?}"));
+            self.0.returned(index, op, "");
+        }
+
+        fn indeterminate(&self, op: Op) {
+            let index = self.0.call(0, 0, op, format!("{op:?}"));
+            self.0.lost(index, op, "no answer");
+        }
+    }
+
+    fn write(cond: Cond, body: Option<BodyId>, outcome: Outcome) -> Op {
+        Op::Write {
+            cond,
+            body,
+            outcome,
+        }
+    }
+
+    /// A `DELETE` whose outcome the layer never learnt leaves a fresh version, whether
+    /// or not the item went: the item reads `404`, a `412` names the fresh tag, and an
+    /// `If-Match` on that tag creates it. (The register once had no version over a
+    /// missing item, and refused this history of a correct server.)
+    #[test]
+    fn a_version_over_a_deleted_item_is_a_history_a_server_can_give() {
+        let s = Script::new();
+        let (t0, fresh, t2) = (s.tag("t0"), s.tag("fresh"), s.tag("t2"));
+        s.done(write(Cond::Absent, Some(1), Outcome::Applied(Some(t0))));
+        s.indeterminate(write(Cond::Tag(t0), None, Outcome::Unknown(None)));
+        s.done(Op::Read(None));
+        s.done(write(Cond::Tag(t0), Some(2), Outcome::Refused(Some(fresh))));
+        s.done(write(Cond::Tag(fresh), Some(3), Outcome::Applied(Some(t2))));
+        s.done(Op::Read(Some((t2, 3))));
+        let summary = s.0.verify().expect("linearizable");
+        assert_eq!(summary.invalidations, 1, "{summary}");
+    }
+
+    /// Without an indeterminate write, nothing can leave a fresh version: the same
+    /// history with the `DELETE` answered `412` must fail.
+    #[test]
+    fn a_fresh_tag_no_indeterminate_write_explains_fails() {
+        let s = Script::new();
+        let (t0, fresh, t2) = (s.tag("t0"), s.tag("fresh"), s.tag("t2"));
+        s.done(write(Cond::Absent, Some(1), Outcome::Applied(Some(t0))));
+        s.done(Op::Read(None));
+        s.done(write(Cond::Tag(t0), Some(2), Outcome::Refused(Some(fresh))));
+        s.done(write(Cond::Tag(fresh), Some(3), Outcome::Applied(Some(t2))));
+        let error = s.0.verify().expect_err("not linearizable");
+        assert!(error.contains("never made current"), "{error}");
+    }
+
+    /// A write committed, then another process took its lease over (a fresh tag, seen
+    /// only in a `412`), then the write's own settle gave a second fresh tag, seen with
+    /// the write's body. Taking that second tag for the write's own would put the
+    /// write after the takeover, where its `If-Match` fails; the check must find the
+    /// explanation in which the write came first.
+    #[test]
+    fn a_takeover_between_a_write_and_its_settle_is_a_history_a_server_can_give() {
+        let s = Script::new();
+        let (t0, taken) = (s.tag("t0"), s.tag("taken"));
+        let (settled, t9) = (s.tag("settled"), s.tag("t9"));
+        s.done(write(Cond::Absent, Some(1), Outcome::Applied(Some(t0))));
+        s.indeterminate(write(Cond::Tag(t0), Some(2), Outcome::Unknown(None)));
+        s.done(write(Cond::Tag(t0), Some(3), Outcome::Refused(Some(taken))));
+        s.done(Op::Read(Some((settled, 2))));
+        s.done(write(
+            Cond::Tag(taken),
+            Some(4),
+            Outcome::Refused(Some(settled)),
+        ));
+        s.done(write(
+            Cond::Tag(settled),
+            Some(5),
+            Outcome::Applied(Some(t9)),
+        ));
+        s.done(Op::Read(Some((t9, 5))));
+        s.0.verify().expect("linearizable");
     }
 }
