@@ -326,13 +326,12 @@ impl Recorder {
         let _ = write!(recorded.text, " -> indeterminate ({why})");
     }
 
-    /// Drops operation `index` from the history: a read with no answer has no effect.
-    fn forget(&self, index: usize) {
+    /// Drops operation `index` from the history: a read with no answer, or a request
+    /// that never reached a server (`why`), has no effect.
+    fn forget(&self, index: usize, why: &str) {
         let mut log = self.lock();
         log.events.retain(|(i, _)| *i != index);
-        log.ops[index]
-            .text
-            .push_str(" -> no answer (a read: dropped)");
+        let _ = write!(log.ops[index].text, " -> dropped ({why})");
         log.ops[index].op = Op::Read(None);
         log.ops[index].item = usize::MAX;
     }
@@ -354,13 +353,15 @@ impl Recorder {
         // First each unknown tag seen with an indeterminate write's body as that
         // write's own (the small search); failing that, as an invalidation after it
         // (see `explain_unknown_tags`). Either explanation is one the servers can give.
-        self.verify_explained(Explain::AsOwnTag).or_else(|first| {
-            self.verify_explained(Explain::AsInvalidation)
-                .map_err(|_| first)
-        })
+        // Only the failure that is reported is worth explaining (a search per prefix).
+        self.verify_explained(Explain::AsOwnTag, false)
+            .or_else(|_| self.verify_explained(Explain::AsInvalidation, false))
+            .or_else(|_| self.verify_explained(Explain::AsOwnTag, true))
     }
 
-    fn verify_explained(&self, explain: Explain) -> Result<Summary, String> {
+    /// The check with one way of explaining unknown tags; `describe`: on a failure,
+    /// find the failing prefix and write the report (else an empty error).
+    fn verify_explained(&self, explain: Explain, describe: bool) -> Result<Summary, String> {
         let started = Instant::now();
         let mut log = self.lock().clone();
         let mut summary = Summary::default();
@@ -482,17 +483,30 @@ impl Recorder {
                 .copied()
                 .filter(|(index, _)| log.ops[*index].item == item)
                 .collect();
+            if let Ok(path) = std::env::var("LIN_TRACE") {
+                // For long runs by hand: the item being searched, should it not finish.
+                let _ = std::fs::write(&path, fail(&log, item, "(being searched)"));
+            }
             if !linearizable(&log, &events) {
-                // The shortest prefix that fails names the operation that broke it.
-                let culprit = (1..=events.len())
-                    .find(|n| !linearizable(&log, &events[..*n]))
-                    .map_or_else(String::new, |n| {
-                        let r = &log.ops[events[n - 1].0];
-                        format!(
-                            " (the first prefix that fails ends at client {}: {})",
-                            r.client, r.text
-                        )
-                    });
+                if !describe {
+                    return Err(String::new());
+                }
+                // The shortest prefix that fails names the operation that broke it. A
+                // prefix that fails stays failing as events are added, so: bisect.
+                let (mut passes, mut fails) = (0, events.len());
+                while fails - passes > 1 {
+                    let mid = passes + (fails - passes) / 2;
+                    if linearizable(&log, &events[..mid]) {
+                        passes = mid;
+                    } else {
+                        fails = mid;
+                    }
+                }
+                let r = &log.ops[events[fails - 1].0];
+                let culprit = format!(
+                    " (the first prefix that fails ends at client {}: {})",
+                    r.client, r.text
+                );
                 return Err(fail(
                     &log,
                     item,
@@ -971,7 +985,7 @@ impl Ctx<'_> {
                     }
                     StatusCode::NOT_FOUND => Op::Read(None),
                     status if status.is_server_error() => {
-                        self.recorder.forget(index);
+                        self.recorder.forget(index, "a read with no answer");
                         return None;
                     }
                     status => panic!(
@@ -989,7 +1003,7 @@ impl Ctx<'_> {
                 }
             }
             Err(_) => {
-                self.recorder.forget(index);
+                self.recorder.forget(index, "a read with no answer");
                 None
             }
         }
@@ -1085,6 +1099,12 @@ impl Ctx<'_> {
                 self.recorder.returned(index, op, &describe(&answer));
                 learned
             }
+            // No connection could be made: nothing was sent, so nothing changed. (Left
+            // in, each would be one more write the search must try everywhere.)
+            Err(why) if why.starts_with(NOT_SENT) => {
+                self.recorder.forget(index, &why);
+                None
+            }
             Err(why) => {
                 self.recorder.lost(index, unknown, &why);
                 None
@@ -1112,11 +1132,13 @@ impl Ctx<'_> {
         };
         let request = Request::from_parts(parts, body);
         let exchange = async {
-            let response = self
-                .client
-                .request(request)
-                .await
-                .map_err(|e| e.to_string())?;
+            let response = self.client.request(request).await.map_err(|e| {
+                if e.is_connect() {
+                    format!("{NOT_SENT}{e}")
+                } else {
+                    e.to_string()
+                }
+            })?;
             let status = response.status();
             let etag = response
                 .headers()
@@ -1141,6 +1163,10 @@ impl Ctx<'_> {
         }
     }
 }
+
+/// How an exchange's error starts when the request never left the client (no
+/// connection could be made to the server).
+const NOT_SENT: &str = "not sent: ";
 
 fn empty() -> ClientBody {
     Full::new(Bytes::new())
