@@ -41,19 +41,21 @@ use axum::{
 use serde_json::{json, Map, Value};
 use sqlx::{postgres::PgPoolOptions, PgConnection, PgPool, Row};
 use tower_precondition::row_version::{
-    sqlx::{row_version, BindCondition},
-    PgRowSql, RowPrecondition, RowVersionLayer,
+    sqlx::{row_version, BindSpecialized},
+    PgRowSql, PgSpecializedStatement, RowPrecondition, RowVersionLayer,
 };
 
 /// The items table: the JSON body, and the version columns `PgRowSql` writes.
 const ITEMS: &str = "axum_sqlx_items";
 
-/// Every statement, built once (sqlx caches prepared statements by their text).
+/// Every statement, built once (sqlx caches prepared statements by their text). The
+/// conditional ones have a text per form of precondition, each comparing only what
+/// the request sent.
 struct Statements {
     read: String,
-    upsert: String,
-    update: String,
-    delete: String,
+    upsert: PgSpecializedStatement,
+    update: PgSpecializedStatement,
+    delete: PgSpecializedStatement,
     lock: String,
     write: String,
 }
@@ -66,24 +68,27 @@ impl Statements {
         let visible = format!("({ITEMS}.body->>'owner' IS NULL OR {ITEMS}.body->>'owner' = $3)");
         Self {
             read: format!("SELECT body::text AS body, body->>'owner' AS owner, {returning} FROM {ITEMS} WHERE id = $1"),
-            upsert: format!(
-                "INSERT INTO {ITEMS} (id, body, {columns}) VALUES ($1, $2::jsonb, {values}) \
-                 ON CONFLICT (id) DO UPDATE SET body = EXCLUDED.body, {set} \
-                 WHERE {visible} AND {condition} RETURNING (xmax = 0) AS created, {returning}",
-                columns = v.insert_columns(),
-                values = v.insert_values(),
-                condition = v.condition(4),
-            ),
-            update: format!(
-                "UPDATE {ITEMS} SET body = $2::jsonb, {set} WHERE id = $1 AND {visible} AND {} \
-                 RETURNING false AS created, {returning}",
-                v.condition(4)
-            ),
-            delete: format!(
-                "DELETE FROM {ITEMS} WHERE id = $1 AND ({ITEMS}.body->>'owner' IS NULL OR \
-                 {ITEMS}.body->>'owner' = $2) AND {} RETURNING {returning}",
-                v.condition(3)
-            ),
+            upsert: v.specialized(4, |condition| {
+                format!(
+                    "INSERT INTO {ITEMS} (id, body, {columns}) VALUES ($1, $2::jsonb, {values}) \
+                     ON CONFLICT (id) DO UPDATE SET body = EXCLUDED.body, {set} \
+                     WHERE {visible} AND {condition} RETURNING (xmax = 0) AS created, {returning}",
+                    columns = v.insert_columns(),
+                    values = v.insert_values(),
+                )
+            }),
+            update: v.specialized(4, |condition| {
+                format!(
+                    "UPDATE {ITEMS} SET body = $2::jsonb, {set} WHERE id = $1 AND {visible} \
+                     AND {condition} RETURNING false AS created, {returning}"
+                )
+            }),
+            delete: v.specialized(3, |condition| {
+                format!(
+                    "DELETE FROM {ITEMS} WHERE id = $1 AND ({ITEMS}.body->>'owner' IS NULL OR \
+                     {ITEMS}.body->>'owner' = $2) AND {condition} RETURNING {returning}"
+                )
+            }),
             lock: format!("SELECT body::text AS body, body->>'owner' AS owner, {returning} FROM {ITEMS} WHERE id = $1 FOR UPDATE"),
             write: format!("UPDATE {ITEMS} SET body = $2::jsonb, {set} WHERE id = $1 RETURNING {returning}"),
         }
@@ -225,11 +230,12 @@ async fn put_item(
         Ok(conn) => conn,
         Err(error) => return database_error(error),
     };
-    let written = sqlx::query(statement)
+    let values = condition.sql();
+    let written = sqlx::query(statement.text(&values))
         .bind(&id)
         .bind(value.to_string())
         .bind(&caller)
-        .bind_condition(&condition.sql())
+        .bind_specialized(&values)
         .fetch_optional(&mut *conn)
         .await;
     let row = match written {
@@ -354,10 +360,11 @@ async fn delete_item(
         Ok(conn) => conn,
         Err(error) => return database_error(error),
     };
-    let deleted = sqlx::query(&app.sql.delete)
+    let values = condition.sql();
+    let deleted = sqlx::query(app.sql.delete.text(&values))
         .bind(&id)
         .bind(&caller)
-        .bind_condition(&condition.sql())
+        .bind_specialized(&values)
         .fetch_optional(&mut *conn)
         .await;
     match deleted {

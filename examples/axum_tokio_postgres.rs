@@ -41,9 +41,9 @@ use axum::{
 };
 use deadpool_postgres::{Client, Manager, ManagerConfig, Pool, RecyclingMethod};
 use serde_json::{json, Map, Value};
-use tokio_postgres::{NoTls, Row};
+use tokio_postgres::{types::ToSql, NoTls, Row};
 use tower_precondition::row_version::{
-    tokio_postgres::row_version, PgRowSql, RowPrecondition, RowVersionLayer,
+    tokio_postgres::row_version, PgRowSql, PgSpecializedStatement, RowPrecondition, RowVersionLayer,
 };
 
 /// The items table: the JSON body, and the version columns `PgRowSql` writes.
@@ -53,9 +53,10 @@ const ITEMS: &str = "axum_tokio_postgres_items";
 /// Bodies travel as text (`$2::text::jsonb`), so no JSON feature of the driver is needed.
 struct Statements {
     read: String,
-    upsert: String,
-    update: String,
-    delete: String,
+    // A text per form of precondition, each comparing only what the request sent.
+    upsert: PgSpecializedStatement,
+    update: PgSpecializedStatement,
+    delete: PgSpecializedStatement,
     lock: String,
     write: String,
 }
@@ -71,26 +72,29 @@ impl Statements {
         };
         Self {
             read: format!("SELECT {item} FROM {ITEMS} WHERE id = $1"),
-            upsert: format!(
-                "INSERT INTO {ITEMS} (id, body, {columns}) VALUES ($1, $2::text::jsonb, {values}) \
-                 ON CONFLICT (id) DO UPDATE SET body = EXCLUDED.body, {set} \
-                 WHERE {visible} AND {condition} RETURNING (xmax = 0) AS created, {returning}",
-                columns = v.insert_columns(),
-                values = v.insert_values(),
-                visible = visible(3),
-                condition = v.condition(4),
-            ),
-            update: format!(
-                "UPDATE {ITEMS} SET body = $2::text::jsonb, {set} WHERE id = $1 AND {} AND {} \
-                 RETURNING false AS created, {returning}",
-                visible(3),
-                v.condition(4),
-            ),
-            delete: format!(
-                "DELETE FROM {ITEMS} WHERE id = $1 AND {} AND {} RETURNING {returning}",
-                visible(2),
-                v.condition(3),
-            ),
+            upsert: v.specialized(4, |condition| {
+                format!(
+                    "INSERT INTO {ITEMS} (id, body, {columns}) VALUES ($1, $2::text::jsonb, {values}) \
+                     ON CONFLICT (id) DO UPDATE SET body = EXCLUDED.body, {set} \
+                     WHERE {visible} AND {condition} RETURNING (xmax = 0) AS created, {returning}",
+                    columns = v.insert_columns(),
+                    values = v.insert_values(),
+                    visible = visible(3),
+                )
+            }),
+            update: v.specialized(4, |condition| {
+                format!(
+                    "UPDATE {ITEMS} SET body = $2::text::jsonb, {set} WHERE id = $1 AND {} \
+                     AND {condition} RETURNING false AS created, {returning}",
+                    visible(3),
+                )
+            }),
+            delete: v.specialized(3, |condition| {
+                format!(
+                    "DELETE FROM {ITEMS} WHERE id = $1 AND {} AND {condition} RETURNING {returning}",
+                    visible(2),
+                )
+            }),
             lock: format!("SELECT {item} FROM {ITEMS} WHERE id = $1 FOR UPDATE"),
             write: format!(
                 "UPDATE {ITEMS} SET body = $2::text::jsonb, {set} WHERE id = $1 RETURNING {returning}"
@@ -229,13 +233,12 @@ async fn put_item(
         &app.sql.update
     };
     let client = app.pool.get().await?;
-    let statement = client.prepare_cached(statement).await?;
     let values = condition.sql();
-    let [a, b, c, d] = values.params();
+    let statement = client.prepare_cached(statement.text(&values)).await?;
     let text = value.to_string();
-    let written = client
-        .query_opt(&statement, &[&id, &text, &caller, a, b, c, d])
-        .await?;
+    let mut params: Vec<&(dyn ToSql + Sync)> = vec![&id, &text, &caller];
+    params.extend_from_slice(&values.specialized_params());
+    let written = client.query_opt(&statement, &params).await?;
     let Some(row) = written else {
         return refused(&client, &app, &condition, &id, caller.as_deref(), upsert).await;
     };
@@ -309,13 +312,11 @@ async fn delete_item(
 ) -> Answer {
     let caller = caller(&headers);
     let client = app.pool.get().await?;
-    let delete = client.prepare_cached(&app.sql.delete).await?;
     let values = condition.sql();
-    let [a, b, c, d] = values.params();
-    match client
-        .query_opt(&delete, &[&id, &caller, a, b, c, d])
-        .await?
-    {
+    let delete = client.prepare_cached(app.sql.delete.text(&values)).await?;
+    let mut params: Vec<&(dyn ToSql + Sync)> = vec![&id, &caller];
+    params.extend_from_slice(&values.specialized_params());
+    match client.query_opt(&delete, &params).await? {
         Some(_) => Ok(StatusCode::NO_CONTENT.into_response()),
         None => refused(&client, &app, &condition, &id, caller.as_deref(), false).await,
     }

@@ -7,13 +7,18 @@
 //!
 //! Applied by the database if and only if `evaluate` says `Proceed`: so the SQL is
 //! exactly as strict as the RFC rules the other two modes use, no more and no less.
+//! Both the generic condition (`PgRowSql::condition`) and the text specialized for the
+//! condition's form (`PgRowSql::specialized`).
 
 use http::Method;
 use proptest::prelude::*;
 use tokio_postgres::types::ToSql;
 use tower_precondition::{
     evaluate::{evaluate, Decision},
-    row_version::{sqlx::BindCondition, PgRowSql, RowPrecondition, RowVersion},
+    row_version::{
+        sqlx::{BindCondition, BindSpecialized},
+        PgRowSql, PgSpecializedStatement, RowPrecondition, RowVersion,
+    },
 };
 
 mod postgres_support;
@@ -31,6 +36,8 @@ struct Harness {
     sqlx: sqlx::PgPool,
     upsert: String,
     update: String,
+    specialized_upsert: PgSpecializedStatement,
+    specialized_update: PgSpecializedStatement,
 }
 
 fn harness() -> Option<Harness> {
@@ -61,7 +68,26 @@ fn harness() -> Option<Harness> {
         Some((pg, sqlx))
     })?;
     let v = PgRowSql::new(TABLE);
+    let upsert = |condition: &str| {
+        format!(
+            "INSERT INTO {TABLE} (id, body, {}) VALUES ($1, $2, {}) ON CONFLICT (id) DO UPDATE \
+             SET body = EXCLUDED.body, {} WHERE {condition} RETURNING {}",
+            v.insert_columns(),
+            v.insert_values(),
+            v.assignments(),
+            v.returning()
+        )
+    };
+    let update = |condition: &str| {
+        format!(
+            "UPDATE {TABLE} SET body = $2, {} WHERE id = $1 AND {condition} RETURNING {}",
+            v.assignments(),
+            v.returning()
+        )
+    };
     Some(Harness {
+        specialized_upsert: v.specialized(3, upsert),
+        specialized_update: v.specialized(3, update),
         runtime,
         pg,
         sqlx,
@@ -92,6 +118,7 @@ impl Harness {
         state: Option<(i64, i64)>,
         c: &RowPrecondition,
         sqlx: bool,
+        specialized: bool,
     ) -> bool {
         let client = self.pg.get().await.unwrap();
         client
@@ -121,29 +148,52 @@ impl Harness {
                 .get(0);
             assert_eq!(stored, at);
         }
-        let statement = if c.may_create() {
+        let values = c.sql();
+        let generic = if c.may_create() {
             &self.upsert
         } else {
             &self.update
         };
-        let values = c.sql();
-        if sqlx {
-            sqlx::query(statement)
+        let text = match (specialized, c.may_create()) {
+            (false, _) => generic.as_str(),
+            (true, true) => self.specialized_upsert.text(&values),
+            (true, false) => self.specialized_update.text(&values),
+        };
+        match (sqlx, specialized) {
+            (true, false) => sqlx::query(text)
                 .bind(id)
                 .bind("new")
                 .bind_condition(&values)
                 .fetch_optional(&self.sqlx)
                 .await
                 .expect("write")
-                .is_some()
-        } else {
-            let [a, b, cc, d] = values.params();
-            let params: [&(dyn ToSql + Sync); 6] = [&id, &"new", a, b, cc, d];
-            client
-                .query_opt(statement.as_str(), &params)
+                .is_some(),
+            (true, true) => sqlx::query(text)
+                .bind(id)
+                .bind("new")
+                .bind_specialized(&values)
+                .fetch_optional(&self.sqlx)
                 .await
                 .expect("write")
-                .is_some()
+                .is_some(),
+            (false, false) => {
+                let [a, b, cc, d] = values.params();
+                let params: [&(dyn ToSql + Sync); 6] = [&id, &"new", a, b, cc, d];
+                client
+                    .query_opt(text, &params)
+                    .await
+                    .expect("write")
+                    .is_some()
+            }
+            (false, true) => {
+                let mut params: Vec<&(dyn ToSql + Sync)> = vec![&id, &"new"];
+                params.extend_from_slice(&values.specialized_params());
+                client
+                    .query_opt(text, &params)
+                    .await
+                    .expect("write")
+                    .is_some()
+            }
         }
     }
 }
@@ -154,7 +204,7 @@ fn the_sql_condition_applies_exactly_when_the_rfc_evaluator_proceeds() {
     let Some(harness) = harness() else { return };
     let id = postgres_support::unique("differential");
     let config = ProptestConfig {
-        cases: 400,
+        cases: 800,
         ..ProptestConfig::default()
     };
     proptest!(config, |(
@@ -163,6 +213,7 @@ fn the_sql_condition_applies_exactly_when_the_rfc_evaluator_proceeds() {
         if_none_match in tag_field(),
         since in date_field(),
         sqlx in any::<bool>(),
+        specialized in any::<bool>(),
     )| {
         let mut headers = Vec::new();
         if let Some(value) = if_match { headers.push(("if-match", value)); }
@@ -178,8 +229,15 @@ fn the_sql_condition_applies_exactly_when_the_rfc_evaluator_proceeds() {
                 evaluate(&Method::PUT, c.preconditions(), evaluated.as_ref()) == Decision::Proceed;
             // The locked-row path must agree as well.
             prop_assert_eq!(c.check(current.as_ref()).is_ok(), expected);
-            Ok((harness.applied(&id, state, &c, sqlx).await, expected))
+            Ok((harness.applied(&id, state, &c, sqlx, specialized).await, expected))
         })?;
-        prop_assert_eq!(applied, expected, "state {:?}, headers {:?}", state, headers);
+        prop_assert_eq!(
+            applied,
+            expected,
+            "state {:?}, headers {:?}, specialized {}",
+            state,
+            headers,
+            specialized
+        );
     });
 }

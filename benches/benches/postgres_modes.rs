@@ -85,7 +85,11 @@ use sqlx::{postgres::PgPoolOptions, PgPool};
 use tokio_postgres::{types::ToSql, NoTls};
 use tower::ServiceExt;
 use tower_precondition::{
-    row_version::{self, sqlx::BindCondition, PgRowSql, RowPrecondition, RowVersionLayer},
+    row_version::{
+        self,
+        sqlx::{BindCondition, BindSpecialized},
+        PgRowSql, PgSpecializedStatement, RowPrecondition, RowVersionLayer,
+    },
     store::PostgresStore,
     PgTransaction, PgTransactionalLayer, PreconditionLayer,
 };
@@ -114,6 +118,7 @@ impl Driver {
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum Kind {
     RowVersion,
+    RowVersionGeneric,
     HandOneStatement,
     HandForUpdate,
     NoControl,
@@ -125,6 +130,7 @@ impl Kind {
     fn name(self) -> &'static str {
         match self {
             Kind::RowVersion => "row_version",
+            Kind::RowVersionGeneric => "row_version_generic",
             Kind::HandOneStatement => "hand_one_statement",
             Kind::HandForUpdate => "hand_for_update",
             Kind::NoControl => "no_control",
@@ -152,8 +158,13 @@ const fn variant(kind: Kind, driver: Driver, items: &'static str) -> Variant {
 
 /// The run order within a round: the variants compared with each other run next to
 /// each other.
-const VARIANTS: [Variant; 10] = [
+const VARIANTS: [Variant; 12] = [
     variant(Kind::RowVersion, Driver::Sqlx, "tp_bench_items_rv_sqlx"),
+    variant(
+        Kind::RowVersionGeneric,
+        Driver::Sqlx,
+        "tp_bench_items_rvg_sqlx",
+    ),
     variant(Kind::HandForUpdate, Driver::Sqlx, "tp_bench_items_fu_sqlx"),
     variant(
         Kind::HandOneStatement,
@@ -165,6 +176,11 @@ const VARIANTS: [Variant; 10] = [
         Kind::RowVersion,
         Driver::TokioPostgres,
         "tp_bench_items_rv_tp",
+    ),
+    variant(
+        Kind::RowVersionGeneric,
+        Driver::TokioPostgres,
+        "tp_bench_items_rvg_tp",
     ),
     variant(
         Kind::HandForUpdate,
@@ -199,7 +215,8 @@ struct Statements {
     one_statement: String,
     one_statement_unconditional: String,
     select_version: String,
-    row_update: String,
+    row_update: PgSpecializedStatement,
+    row_update_generic: String,
     row_read: String,
 }
 
@@ -219,7 +236,15 @@ impl Statements {
                  RETURNING version"
             ),
             select_version: format!("SELECT version FROM {items} WHERE id = $1"),
-            row_update: format!(
+            row_update: v.specialized(3, |condition| {
+                format!(
+                    "UPDATE {items} SET body = $2, {set} WHERE id = $1 AND {condition} \
+                     RETURNING {returning}",
+                    set = v.assignments(),
+                    returning = v.returning(),
+                )
+            }),
+            row_update_generic: format!(
                 "UPDATE {items} SET body = $2, {set} WHERE id = $1 AND {condition} \
                  RETURNING {returning}",
                 set = v.assignments(),
@@ -508,7 +533,7 @@ fn row_refused(condition: &RowPrecondition, current: Option<row_version::RowVers
 
 /// row_version (tokio-postgres): one conditional statement; the condition's four
 /// parameters from `SqlCondition::params`.
-async fn put_row_version_tp(
+async fn put_row_version_tp<const SPECIALIZED: bool>(
     Path(id): Path<String>,
     State(state): State<AppState>,
     condition: RowPrecondition,
@@ -519,11 +544,21 @@ async fn put_row_version_tp(
         Err(error) => return server_error(error),
     };
     let result: Result<Response, tokio_postgres::Error> = async {
-        let update = client.prepare_cached(&state.sql.row_update).await?;
         let values = condition.sql();
-        let [a, b, c, d] = values.params();
-        let params: [&(dyn ToSql + Sync); 6] = [&id, &body, a, b, c, d];
-        if let Some(row) = client.query_opt(&update, &params).await? {
+        let written = if SPECIALIZED {
+            let update = client
+                .prepare_cached(state.sql.row_update.text(&values))
+                .await?;
+            let mut params: Vec<&(dyn ToSql + Sync)> = vec![&id, &body];
+            params.extend_from_slice(&values.specialized_params());
+            client.query_opt(&update, &params).await?
+        } else {
+            let update = client.prepare_cached(&state.sql.row_update_generic).await?;
+            let [a, b, c, d] = values.params();
+            let params: [&(dyn ToSql + Sync); 6] = [&id, &body, a, b, c, d];
+            client.query_opt(&update, &params).await?
+        };
+        if let Some(row) = written {
             let version = row_version::tokio_postgres::row_version(&row)?;
             return Ok((version, StatusCode::NO_CONTENT).into_response());
         }
@@ -540,7 +575,7 @@ async fn put_row_version_tp(
 
 /// row_version (sqlx): one conditional statement, the condition bound with
 /// `bind_condition`.
-async fn put_row_version_sqlx(
+async fn put_row_version_sqlx<const SPECIALIZED: bool>(
     Path(id): Path<String>,
     State(state): State<AppState>,
     condition: RowPrecondition,
@@ -550,12 +585,22 @@ async fn put_row_version_sqlx(
         // One checkout for the write and the read after a refusal (see
         // `put_one_statement_sqlx`).
         let mut conn = state.sqlx.acquire().await?;
-        let written = sqlx::query(&state.sql.row_update)
-            .bind(&id)
-            .bind(&body)
-            .bind_condition(&condition.sql())
-            .fetch_optional(&mut *conn)
-            .await?;
+        let values = condition.sql();
+        let written = if SPECIALIZED {
+            sqlx::query(state.sql.row_update.text(&values))
+                .bind(&id)
+                .bind(&body)
+                .bind_specialized(&values)
+                .fetch_optional(&mut *conn)
+                .await?
+        } else {
+            sqlx::query(&state.sql.row_update_generic)
+                .bind(&id)
+                .bind(&body)
+                .bind_condition(&values)
+                .fetch_optional(&mut *conn)
+                .await?
+        };
         if let Some(row) = written {
             let version = row_version::sqlx::row_version(&row)?;
             return Ok((version, StatusCode::NO_CONTENT).into_response());
@@ -610,10 +655,16 @@ fn router(variant: Variant, pools: &Pools) -> Router {
         (Kind::HandOneStatement, Driver::Sqlx) => {
             route(put(put_one_statement_sqlx)).with_state(state)
         }
-        (Kind::RowVersion, Driver::TokioPostgres) => route(put(put_row_version_tp))
+        (Kind::RowVersion, Driver::TokioPostgres) => route(put(put_row_version_tp::<true>))
             .with_state(state)
             .route_layer(RowVersionLayer::new()),
-        (Kind::RowVersion, Driver::Sqlx) => route(put(put_row_version_sqlx))
+        (Kind::RowVersion, Driver::Sqlx) => route(put(put_row_version_sqlx::<true>))
+            .with_state(state)
+            .route_layer(RowVersionLayer::new()),
+        (Kind::RowVersionGeneric, Driver::TokioPostgres) => route(put(put_row_version_tp::<false>))
+            .with_state(state)
+            .route_layer(RowVersionLayer::new()),
+        (Kind::RowVersionGeneric, Driver::Sqlx) => route(put(put_row_version_sqlx::<false>))
             .with_state(state)
             .route_layer(RowVersionLayer::new()),
         (Kind::NoControl, Driver::TokioPostgres) => route(put(put_autocommit)).with_state(state),
@@ -717,7 +768,7 @@ async fn reset(pool: &Pool, keys: &[String]) {
     for variant in VARIANTS {
         let items = variant.items;
         let version = match variant.kind {
-            Kind::RowVersion => {
+            Kind::RowVersion | Kind::RowVersionGeneric => {
                 // Shared by the row-version tables, and never dropped: a version never
                 // repeats, across runs too.
                 sql.push_str(&format!("{}; ", row_sql(items).create_sequence()));
@@ -743,7 +794,7 @@ async fn reset(pool: &Pool, keys: &[String]) {
     for variant in VARIANTS {
         let items = variant.items;
         let insert = match variant.kind {
-            Kind::RowVersion => {
+            Kind::RowVersion | Kind::RowVersionGeneric => {
                 let v = row_sql(items);
                 format!(
                     "INSERT INTO {items} (id, body, {}) SELECT k, '{{}}', {} \
@@ -1254,6 +1305,27 @@ fn report(rows: &[Row]) {
                 verdict(r.per_round >= target)
             );
         }
+    }
+    for driver in [Driver::Sqlx, Driver::TokioPostgres] {
+        let (Some(rv), Some(generic)) = (
+            find(Kind::RowVersion, driver, Scenario::Spread),
+            find(Kind::RowVersionGeneric, driver, Scenario::Spread),
+        ) else {
+            continue;
+        };
+        let r = ratio(
+            rv,
+            generic,
+            |s| s.writes_per_s,
+            rv.writes_per_s() / generic.writes_per_s(),
+        );
+        println!(
+            "  ratio driver={} scenario=spread row_version/row_version_generic={:.2} [{:.2}] \
+             (the text specialized per condition against the generic one)",
+            driver.name(),
+            r.per_round,
+            r.pooled
+        );
     }
     println!("\nhot key (target):");
     let hot: Vec<&Row> = rows

@@ -261,6 +261,132 @@ impl SqlCondition {
     pub fn may_replace(&self) -> bool {
         self.may_replace
     }
+
+    /// This condition's form: which statement text of a
+    /// [`PgSpecializedStatement`](super::PgSpecializedStatement) it takes.
+    pub(super) fn form(&self) -> ConditionForm {
+        if !self.may_replace || matches!(self.if_match.as_deref(), Some([])) {
+            return ConditionForm::Never;
+        }
+        ConditionForm::Compare {
+            if_match: ListForm::of(self.if_match.as_deref()),
+            if_none_match: ListForm::of(self.if_none_match.as_deref()),
+            unmodified_since: self.unmodified_since.is_some(),
+        }
+    }
+
+    /// The values the specialized text of this condition's form compares, in the
+    /// order it numbers them: `If-Match`, `If-None-Match`, `If-Unmodified-Since`.
+    #[cfg(any(feature = "postgres", feature = "sqlx-postgres", test))]
+    pub(super) fn specialized_values(&self) -> impl Iterator<Item = SpecializedValue<'_>> {
+        let (lists, since) = match self.form() {
+            ConditionForm::Never => ([None, None], None),
+            ConditionForm::Compare { .. } => (
+                [self.if_match.as_ref(), self.if_none_match.as_ref()],
+                self.unmodified_since.as_ref(),
+            ),
+        };
+        lists
+            .into_iter()
+            .filter_map(|list| {
+                let list = list?;
+                match list.as_slice() {
+                    [] => None,
+                    [one] => Some(SpecializedValue::One(one)),
+                    _ => Some(SpecializedValue::Many(list)),
+                }
+            })
+            .chain(since.map(SpecializedValue::Seconds))
+    }
+}
+
+/// One value a specialized condition text takes (see [`SqlCondition::form`]).
+#[cfg(any(feature = "postgres", feature = "sqlx-postgres", test))]
+#[derive(Clone, Copy, Debug)]
+pub(super) enum SpecializedValue<'a> {
+    /// One version, bound as `int8`.
+    One(&'a i64),
+    /// Several, bound as `int8[]`.
+    Many(&'a Vec<i64>),
+    /// `If-Unmodified-Since`, seconds since the epoch, bound as `int8`.
+    Seconds(&'a i64),
+}
+
+/// How many versions one list of a [`SqlCondition`] names, as its specialized text
+/// ([`PgRowSql::specialized`](super::PgRowSql::specialized)) compares them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum ListForm {
+    /// No list (or one that names nothing this server issued, in `If-None-Match`).
+    Absent,
+    /// One version: compared as a scalar.
+    One,
+    /// Several: compared with `ANY` / `ALL` over an array.
+    Many,
+}
+
+impl ListForm {
+    const ALL: [Self; 3] = [Self::Absent, Self::One, Self::Many];
+
+    fn of(list: Option<&[i64]>) -> Self {
+        match list {
+            None | Some([]) => Self::Absent,
+            Some([_]) => Self::One,
+            Some(_) => Self::Many,
+        }
+    }
+}
+
+/// The form of a [`SqlCondition`]: which of its values are there, and how many
+/// versions each list names. Each form has its own statement text, which compares
+/// only what is there (a generic text that tests every value for `NULL` costs the
+/// database about a tenth of a simple write).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum ConditionForm {
+    /// Nothing can pass: `If-None-Match: *` on an existing row, or an `If-Match`
+    /// whose tags name no version of this server's.
+    Never,
+    /// The values the condition compares.
+    Compare {
+        if_match: ListForm,
+        if_none_match: ListForm,
+        unmodified_since: bool,
+    },
+}
+
+impl ConditionForm {
+    /// How many forms there are (the length of [`index`](Self::index)'s range).
+    pub(super) const COUNT: usize = 1 + 3 * 3 * 2;
+
+    /// Every form, in [`index`](Self::index) order.
+    pub(super) fn all() -> impl Iterator<Item = Self> {
+        std::iter::once(Self::Never).chain(ListForm::ALL.into_iter().flat_map(|if_match| {
+            ListForm::ALL.into_iter().flat_map(move |if_none_match| {
+                [false, true]
+                    .into_iter()
+                    .map(move |unmodified_since| Self::Compare {
+                        if_match,
+                        if_none_match,
+                        unmodified_since,
+                    })
+            })
+        }))
+    }
+
+    /// A dense index, `0..COUNT`.
+    pub(super) fn index(self) -> usize {
+        match self {
+            Self::Never => 0,
+            Self::Compare {
+                if_match,
+                if_none_match,
+                unmodified_since,
+            } => {
+                1 + (if_match as usize) * 6
+                    + (if_none_match as usize) * 2
+                    + usize::from(unmodified_since)
+            }
+        }
+    }
 }
 
 /// The handler's report that its conditional write changed nothing because a

@@ -39,6 +39,8 @@
 
 use ::sqlx::{ColumnIndex, Decode, FromRow, Row, Type};
 
+#[cfg(feature = "sqlx-postgres")]
+use super::condition::SpecializedValue;
 use super::{
     sql::{MODIFIED_COLUMN, VERSION_COLUMN},
     RowVersion, SqlCondition,
@@ -53,6 +55,40 @@ pub trait BindCondition: Sized {
     /// This query with the condition's values bound next.
     #[must_use]
     fn bind_condition(self, condition: &SqlCondition) -> Self;
+}
+
+/// Binds the values of a [`SqlCondition`] that its text in a
+/// [`PgSpecializedStatement`](super::PgSpecializedStatement) takes (Postgres): only
+/// those its form compares, one version as `int8`, several as `int8[]`.
+///
+#[cfg_attr(feature = "sqlx-postgres", doc = "```no_run")]
+#[cfg_attr(not(feature = "sqlx-postgres"), doc = "```ignore")]
+/// use tower_precondition::row_version::{sqlx::BindSpecialized, PgRowSql, RowPrecondition};
+///
+/// # async fn put(pool: &sqlx::PgPool, condition: RowPrecondition) -> Result<(), sqlx::Error> {
+/// let sql = PgRowSql::new("items");
+/// // Once, at startup:
+/// let update = sql.specialized(3, |condition| {
+///     format!(
+///         "UPDATE items SET body = $2, {} WHERE id = $1 AND {condition} RETURNING {}",
+///         sql.assignments(),
+///         sql.returning(),
+///     )
+/// });
+/// // Per request:
+/// let values = condition.sql();
+/// let row = sqlx::query(update.text(&values))
+///     .bind("item-1")
+///     .bind("{}")
+///     .bind_specialized(&values)
+///     .fetch_optional(pool)
+///     .await?;
+/// # Ok(()) }
+/// ```
+pub trait BindSpecialized: Sized {
+    /// This query with the values of `condition`'s specialized text bound next.
+    #[must_use]
+    fn bind_specialized(self, condition: &SqlCondition) -> Self;
 }
 
 /// The version of `row`, from the columns the fragments' `returning()` names
@@ -123,6 +159,31 @@ macro_rules! impl_bind_condition {
 // The MariaDB and SQLite modules implement theirs with it too.
 #[cfg(any(feature = "sqlx-mysql", feature = "sqlx-sqlite"))]
 pub(super) use impl_bind_condition;
+
+/// Implements [`BindSpecialized`] for one Postgres query kind.
+#[cfg(feature = "sqlx-postgres")]
+macro_rules! impl_bind_specialized {
+    ($($query:tt)*) => {
+        impl<$($query)* {
+            fn bind_specialized(mut self, condition: &SqlCondition) -> Self {
+                for value in condition.specialized_values() {
+                    self = match value {
+                        SpecializedValue::One(version) => self.bind(*version),
+                        SpecializedValue::Many(versions) => self.bind(versions.clone()),
+                        SpecializedValue::Seconds(seconds) => self.bind(*seconds),
+                    };
+                }
+                self
+            }
+        }
+    };
+}
+#[cfg(feature = "sqlx-postgres")]
+impl_bind_specialized!('q> BindSpecialized for ::sqlx::query::Query<'q, ::sqlx::postgres::Postgres, ::sqlx::postgres::PgArguments>);
+#[cfg(feature = "sqlx-postgres")]
+impl_bind_specialized!('q, O> BindSpecialized for ::sqlx::query::QueryAs<'q, ::sqlx::postgres::Postgres, O, ::sqlx::postgres::PgArguments>);
+#[cfg(feature = "sqlx-postgres")]
+impl_bind_specialized!('q, O> BindSpecialized for ::sqlx::query::QueryScalar<'q, ::sqlx::postgres::Postgres, O, ::sqlx::postgres::PgArguments>);
 
 // Postgres binds the lists as `int8[]`.
 #[cfg(feature = "sqlx-postgres")]

@@ -63,6 +63,19 @@ pub enum FenceError {
     Store(StoreError),
 }
 
+impl Fence {
+    /// The verdict of a fence check that found the lease (`held`) or did not.
+    #[cfg(any(feature = "postgres", feature = "sqlite"))]
+    pub(crate) fn judge(&self, held: bool) -> Result<(), FenceError> {
+        if held {
+            Ok(())
+        } else {
+            tracing::warn!(key = self.key(), "lease lost before the handler's write");
+            Err(FenceError::LeaseLost)
+        }
+    }
+}
+
 impl FenceError {
     /// Whether the lease was lost (rather than the check failing).
     pub fn is_lease_lost(&self) -> bool {

@@ -344,12 +344,7 @@ impl PostgresStore {
             .query_opt(&self.sql.fence, &[&fence.key(), &fence.token().to_string()])
             .await
             .map_err(|e| pg_error("checking the lease", e))?;
-        if held.is_some() {
-            Ok(())
-        } else {
-            tracing::warn!(key = fence.key(), "lease lost before the handler's write");
-            Err(FenceError::LeaseLost)
-        }
+        fence.judge(held.is_some())
     }
 
     pub(crate) fn sql(&self) -> &Arc<Sql> {

@@ -467,12 +467,7 @@ impl SqliteStore {
             .fetch_optional(&mut **tx)
             .await
             .map_err(|e| sqlite_error("checking the lease", e))?;
-        if held.is_some() {
-            Ok(())
-        } else {
-            tracing::warn!(key = fence.key(), "lease lost before the handler's write");
-            Err(FenceError::LeaseLost)
-        }
+        fence.judge(held.is_some())
     }
 
     /// Runs `statement` (bound to `key`, then `expected`, then `new`) in a
