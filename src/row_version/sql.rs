@@ -221,27 +221,22 @@ impl PgRowSql {
             return "FALSE".to_owned();
         };
         let column = format!("{}.{}", self.table, self.version);
-        let mut parameter = first..;
+        let mut parameter = first;
+        let mut take = || {
+            parameter += 1;
+            parameter - 1
+        };
         let mut parts = Vec::new();
-        match if_match {
-            ListForm::Absent => {}
-            ListForm::One => parts.push(format!("{column} = ${}::int8", next(&mut parameter))),
-            ListForm::Many => {
-                parts.push(format!("{column} = ANY(${}::int8[])", next(&mut parameter)));
-            }
-        }
-        match if_none_match {
-            ListForm::Absent => {}
-            ListForm::One => parts.push(format!("{column} <> ${}::int8", next(&mut parameter))),
-            ListForm::Many => {
-                parts.push(format!(
-                    "{column} <> ALL(${}::int8[])",
-                    next(&mut parameter)
-                ));
+        // `If-Match` passes a listed version, `If-None-Match` one not listed.
+        for (list, scalar, array) in [(if_match, "=", "= ANY"), (if_none_match, "<>", "<> ALL")] {
+            match list {
+                ListForm::Absent => {}
+                ListForm::One => parts.push(format!("{column} {scalar} ${}::int8", take())),
+                ListForm::Many => parts.push(format!("{column} {array}(${}::int8[])", take())),
             }
         }
         if unmodified_since {
-            let n = next(&mut parameter);
+            let n = take();
             parts.push(match &self.modified {
                 Some(modified) => format!(
                     "{}.{modified} < to_timestamp(${n}::int8) + interval '999999 microseconds'",
@@ -271,10 +266,6 @@ impl PgRowSql {
             None => format!("{table}.{version} AS row_version, NULL::int8 AS row_modified_us"),
         }
     }
-}
-
-fn next(numbers: &mut std::ops::RangeFrom<usize>) -> usize {
-    numbers.next().unwrap_or(usize::MAX)
 }
 
 /// A statement in one text per form of condition, from
