@@ -18,7 +18,9 @@
 //! young one fills the old one is dropped whole (an approximate LRU with no per-hit
 //! bookkeeping).
 
-use std::{collections::HashMap, hash::BuildHasher, sync::Arc};
+use std::{hash::BuildHasher, sync::Arc};
+
+use hashbrown::HashTable;
 
 use crate::{
     store::Entry,
@@ -39,10 +41,25 @@ pub(crate) struct EntryCache {
     hasher: RandomState,
 }
 
+/// Both generations are keyed by the hash the cache computes once per call (a
+/// `HashMap` would hash the key again for each of them).
 #[derive(Default)]
 struct Shard {
-    young: HashMap<Arc<str>, Entry>,
-    old: HashMap<Arc<str>, Entry>,
+    young: Generation,
+    old: Generation,
+}
+
+type Generation = HashTable<(Arc<str>, Entry)>;
+
+fn is_key(key: &str) -> impl Fn(&(Arc<str>, Entry)) -> bool + '_ {
+    move |(stored, _)| **stored == *key
+}
+
+/// Drops `key`'s entry from `generation`, if it holds one.
+fn remove(generation: &mut Generation, hash: u64, key: &str) {
+    if let Ok(found) = generation.find_entry(hash, is_key(key)) {
+        drop(found.remove());
+    }
 }
 
 impl EntryCache {
@@ -64,14 +81,18 @@ impl EntryCache {
 
     /// The entry last seen for `key`, `None` if none is remembered.
     pub(crate) fn get(&self, key: &str) -> Option<Entry> {
-        let shard = self.shard(key)?;
-        shard.young.get(key).or_else(|| shard.old.get(key)).cloned()
+        let (hash, shard) = self.shard(key)?;
+        shard
+            .young
+            .find(hash, is_key(key))
+            .or_else(|| shard.old.find(hash, is_key(key)))
+            .map(|(_, entry)| entry.clone())
     }
 
     /// Records what the store holds for `key` (as confirmed by a load or a
     /// compare-and-set): an entry with no lease is kept, anything else forgets the key.
     pub(crate) fn remember(&self, key: &Arc<str>, entry: Option<&Entry>) {
-        let Some(mut shard) = self.shard(key) else {
+        let Some((hash, mut shard)) = self.shard(key) else {
             return;
         };
         let keep = |e: &&Entry| {
@@ -80,20 +101,24 @@ impl EntryCache {
                     .is_some_and(|v| key.len() + v.etag().opaque().len() <= MAX_ENTRY_BYTES)
         };
         let Some(entry) = entry.filter(keep) else {
-            shard.young.remove(&**key);
-            shard.old.remove(&**key);
+            remove(&mut shard.young, hash, key);
+            remove(&mut shard.old, hash, key);
             return;
         };
-        if let Some(slot) = shard.young.get_mut(&**key) {
+        if let Some((_, slot)) = shard.young.find_mut(hash, is_key(key)) {
             slot.clone_from(entry);
             return;
         }
-        shard.old.remove(&**key);
+        remove(&mut shard.old, hash, key);
         if shard.young.len() >= self.per_generation {
             let young = std::mem::take(&mut shard.young);
             shard.old = young;
         }
-        shard.young.insert(key.clone(), entry.clone());
+        shard
+            .young
+            .insert_unique(hash, (key.clone(), entry.clone()), |(stored, _)| {
+                self.hasher.hash_one(&**stored)
+            });
     }
 
     /// Forgets `key` (its entry is no longer known).
@@ -101,17 +126,20 @@ impl EntryCache {
         self.remember(key, None);
     }
 
-    fn shard(&self, key: &str) -> Option<MutexGuard<'_, Shard>> {
+    /// The key's hash and its shard, locked.
+    fn shard(&self, key: &str) -> Option<(u64, MutexGuard<'_, Shard>)> {
         if self.shards.is_empty() {
             return None;
         }
-        let index = self.hasher.hash_one(key) as usize % self.shards.len();
+        let hash = self.hasher.hash_one(key);
+        // Bits between the table's bucket (low) and tag (top 7) bits, as in the
+        // memory store: neither is narrowed within a shard.
+        let index = (hash >> 32) as usize % self.shards.len();
         // Every mutation is one insert or remove: a poisoned lock is still consistent.
-        Some(
-            self.shards[index]
-                .lock()
-                .unwrap_or_else(|poisoned| poisoned.into_inner()),
-        )
+        let shard = self.shards[index]
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        Some((hash, shard))
     }
 
     #[cfg(test)]

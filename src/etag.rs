@@ -37,7 +37,7 @@
 //! The work is bounded: a field longer than [`MAX_LIST_BYTES`] or with more than
 //! [`MAX_LIST_TAGS`] members is refused before anything is allocated for its members.
 
-use std::{fmt, sync::Arc};
+use std::{fmt, hash, ops::Deref, sync::Arc};
 
 use http::header::{HeaderMap, HeaderName, HeaderValue};
 
@@ -71,9 +71,72 @@ const MAX_CODINGS: usize = 4;
 pub struct EntityTag {
     weak: bool,
     /// The opaque part without quotes; every char is an `etagc` (obs-text mapped 1:1).
-    /// Shared: a tag is cloned into stores, entries, reservations and responses, and a
-    /// clone must not allocate.
-    opaque: Arc<str>,
+    opaque: Opaque,
+}
+
+/// The most bytes an opaque value held inline may have: a generated tag (22), any
+/// counter, with the suffix of a content coding (`"42-gzip"`). More would make every
+/// tag, and every list, entry and future holding one, larger than 32 bytes.
+const INLINE_OPAQUE: usize = 22;
+
+/// An opaque value. A tag is made, parsed and cloned on every conditional request and
+/// cloned into stores, entries, reservations and responses: a short one (every tag the
+/// crate generates) is held inline, so none of that allocates; a longer one is shared,
+/// so a clone is a reference count. Compared, hashed and read as its `str`.
+#[derive(Clone)]
+enum Opaque {
+    Inline { len: u8, bytes: [u8; INLINE_OPAQUE] },
+    Shared(Arc<str>),
+}
+
+impl Opaque {
+    /// The UTF-8 bytes, without the validation `deref` makes: what comparisons use.
+    fn as_bytes(&self) -> &[u8] {
+        match self {
+            Opaque::Inline { len, bytes } => &bytes[..usize::from(*len)],
+            Opaque::Shared(text) => text.as_bytes(),
+        }
+    }
+
+    fn new(text: &str) -> Self {
+        match u8::try_from(text.len()) {
+            Ok(len) if text.len() <= INLINE_OPAQUE => {
+                let mut bytes = [0; INLINE_OPAQUE];
+                bytes[..text.len()].copy_from_slice(text.as_bytes());
+                Opaque::Inline { len, bytes }
+            }
+            _ => Opaque::Shared(Arc::from(text)),
+        }
+    }
+}
+
+impl Deref for Opaque {
+    type Target = str;
+
+    fn deref(&self) -> &str {
+        match self {
+            // Always valid: the bytes were copied from a `str` whole (`new`). The
+            // check costs a few nanoseconds on ASCII; `unsafe` is denied here.
+            Opaque::Inline { len, bytes } => {
+                std::str::from_utf8(&bytes[..usize::from(*len)]).unwrap_or_default()
+            }
+            Opaque::Shared(text) => text,
+        }
+    }
+}
+
+impl PartialEq for Opaque {
+    fn eq(&self, other: &Self) -> bool {
+        self.as_bytes() == other.as_bytes()
+    }
+}
+
+impl Eq for Opaque {}
+
+impl hash::Hash for Opaque {
+    fn hash<H: hash::Hasher>(&self, state: &mut H) {
+        self.as_bytes().hash(state);
+    }
 }
 
 /// The error for a value that is not a valid entity tag.
@@ -105,13 +168,16 @@ fn is_etagc(byte: u8) -> bool {
     byte == 0x21 || (0x23..=0x7E).contains(&byte) || byte >= 0x80
 }
 
-fn opaque_from_bytes(bytes: &[u8]) -> Arc<str> {
-    if bytes.is_ascii() {
-        // The common case, and one allocation: ASCII bytes are their own UTF-8.
-        return Arc::from(std::str::from_utf8(bytes).expect("ASCII is UTF-8"));
+fn opaque_from_bytes(bytes: &[u8]) -> Opaque {
+    // The common case: ASCII bytes are their own UTF-8, taken without a copy first.
+    if let Some(text) = std::str::from_utf8(bytes)
+        .ok()
+        .filter(|text| text.is_ascii())
+    {
+        return Opaque::new(text);
     }
     // Lossless: obs-text bytes become U+0080..=U+00FF.
-    Arc::from(bytes.iter().map(|&b| char::from(b)).collect::<String>())
+    Opaque::new(&bytes.iter().map(|&b| char::from(b)).collect::<String>())
 }
 
 impl EntityTag {
@@ -139,7 +205,7 @@ impl EntityTag {
         }
         Ok(Self {
             weak,
-            opaque: opaque.into(),
+            opaque: Opaque::new(opaque),
         })
     }
 
@@ -151,7 +217,7 @@ impl EntityTag {
             .all(|c| u8::try_from(u32::from(c)).is_ok_and(is_etagc)));
         Self {
             weak: false,
-            opaque: Arc::from(opaque),
+            opaque: Opaque::new(opaque),
         }
     }
 
@@ -197,13 +263,17 @@ impl EntityTag {
     /// value, or that value with the suffix of an encoded representation
     /// (`"abc-gzip"` names `"abc"`; see the module docs). Weakness is not compared.
     pub fn names_version(&self, version: &Self) -> bool {
-        match self.opaque.strip_prefix(&*version.opaque) {
-            Some("") => true,
-            Some(rest) => rest.strip_prefix('-').is_some_and(|codings| {
+        match self
+            .opaque
+            .as_bytes()
+            .strip_prefix(version.opaque.as_bytes())
+        {
+            Some([]) => true,
+            Some(rest) => rest.strip_prefix(b"-").is_some_and(|codings| {
                 let mut count = 0;
-                codings.split('-').all(|coding| {
+                codings.split(|&b| b == b'-').all(|coding| {
                     count += 1;
-                    count <= MAX_CODINGS && CONTENT_CODINGS.contains(&coding)
+                    count <= MAX_CODINGS && CONTENT_CODINGS.iter().any(|c| c.as_bytes() == coding)
                 })
             }),
             None => false,
@@ -248,21 +318,31 @@ impl EntityTag {
         opaque.push_str(&suffix);
         Some(Self {
             weak: self.weak,
-            opaque: Arc::from(opaque),
+            opaque: Opaque::new(&opaque),
         })
     }
 
     /// The tag as a header value, exactly the bytes a client sent or will receive.
     pub fn to_header_value(&self) -> HeaderValue {
         // Exact capacity: the buffer then becomes the value's `Bytes` without a copy.
-        let len = self.opaque.chars().count() + if self.weak { 4 } else { 2 };
-        let mut bytes = Vec::with_capacity(len);
+        let opaque = self.opaque.as_bytes();
+        let ascii = opaque.is_ascii();
+        let opaque_len = if ascii {
+            opaque.len()
+        } else {
+            self.opaque.chars().count()
+        };
+        let mut bytes = Vec::with_capacity(opaque_len + if self.weak { 4 } else { 2 });
         if self.weak {
             bytes.extend_from_slice(b"W/");
         }
         bytes.push(b'"');
-        // Every char is <= U+00FF by construction, so this is the original byte.
-        bytes.extend(self.opaque.chars().map(|c| c as u8));
+        if ascii {
+            bytes.extend_from_slice(opaque);
+        } else {
+            // Every char is <= U+00FF by construction, so this is the original byte.
+            bytes.extend(self.opaque.chars().map(|c| c as u8));
+        }
         bytes.push(b'"');
         HeaderValue::from_maybe_shared(bytes::Bytes::from(bytes))
             .expect("etagc bytes are valid header value bytes")
@@ -290,7 +370,7 @@ impl fmt::Display for EntityTag {
         if self.weak {
             f.write_str("W/")?;
         }
-        write!(f, "\"{}\"", self.opaque)
+        write!(f, "\"{}\"", &*self.opaque)
     }
 }
 
@@ -306,7 +386,105 @@ pub enum TagList {
     /// `*`: any current representation.
     Any,
     /// One or more entity tags.
-    Tags(Vec<EntityTag>),
+    Tags(Tags),
+}
+
+/// The entity tags of an `If-Match` / `If-None-Match` list, in the order sent.
+///
+/// Reads as a slice of [`EntityTag`]s. A list of one tag, what nearly every client
+/// sends, is held without an allocation.
+///
+/// ```
+/// use tower_precondition::{etag::Tags, EntityTag};
+///
+/// let one = Tags::from(EntityTag::strong("v1").unwrap());
+/// let listed: Tags = vec![EntityTag::strong("v1").unwrap()].into();
+/// assert_eq!(one, listed);
+/// assert_eq!(one.len(), 1);
+/// assert_eq!(one[0].opaque(), "v1");
+/// ```
+#[derive(Clone)]
+pub struct Tags(TagsRepr);
+
+#[derive(Clone)]
+enum TagsRepr {
+    One(EntityTag),
+    Many(Vec<EntityTag>),
+}
+
+impl Tags {
+    /// Appends `tag`; a second tag moves the list to the heap.
+    fn push(&mut self, tag: EntityTag) {
+        // `Vec::new` does not allocate: the placeholder costs nothing.
+        self.0 = match std::mem::replace(&mut self.0, TagsRepr::Many(Vec::new())) {
+            TagsRepr::One(first) => TagsRepr::Many(vec![first, tag]),
+            TagsRepr::Many(mut tags) => {
+                tags.push(tag);
+                TagsRepr::Many(tags)
+            }
+        };
+    }
+}
+
+impl Deref for Tags {
+    type Target = [EntityTag];
+
+    fn deref(&self) -> &[EntityTag] {
+        match &self.0 {
+            TagsRepr::One(tag) => std::slice::from_ref(tag),
+            TagsRepr::Many(tags) => tags,
+        }
+    }
+}
+
+impl From<EntityTag> for Tags {
+    fn from(tag: EntityTag) -> Self {
+        Tags(TagsRepr::One(tag))
+    }
+}
+
+impl From<Vec<EntityTag>> for Tags {
+    fn from(tags: Vec<EntityTag>) -> Self {
+        Tags(TagsRepr::Many(tags))
+    }
+}
+
+impl FromIterator<EntityTag> for Tags {
+    fn from_iter<I: IntoIterator<Item = EntityTag>>(iter: I) -> Self {
+        let mut iter = iter.into_iter();
+        match (iter.next(), iter.next()) {
+            (Some(first), None) => first.into(),
+            (first, second) => first
+                .into_iter()
+                .chain(second)
+                .chain(iter)
+                .collect::<Vec<_>>()
+                .into(),
+        }
+    }
+}
+
+impl<'a> IntoIterator for &'a Tags {
+    type Item = &'a EntityTag;
+    type IntoIter = std::slice::Iter<'a, EntityTag>;
+
+    fn into_iter(self) -> Self::IntoIter {
+        self.iter()
+    }
+}
+
+impl PartialEq for Tags {
+    fn eq(&self, other: &Self) -> bool {
+        **self == **other
+    }
+}
+
+impl Eq for Tags {}
+
+impl fmt::Debug for Tags {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_list().entries(self.iter()).finish()
+    }
 }
 
 impl TagList {
@@ -393,16 +571,19 @@ pub fn parse_tag_list(
         header: name.clone(),
         reason,
     };
-    let mut values = headers.get_all(name).iter().peekable();
+    // One lookup: the field's lines are walked twice, to bound them and to parse them.
+    let lines = headers.get_all(name);
+    let mut values = lines.iter().peekable();
     if values.peek().is_none() {
         return Ok(None);
     }
-    let total: usize = headers.get_all(name).iter().map(|v| v.len()).sum();
+    let total: usize = lines.iter().map(|v| v.len()).sum();
     if total > MAX_LIST_BYTES {
         return Err(fail("field is too long"));
     }
     let mut any = false;
-    let mut tags = Vec::new();
+    let mut tags: Option<Tags> = None;
+    let mut count = 0;
     for value in values {
         let mut cursor = Cursor::new(value.as_bytes());
         loop {
@@ -420,10 +601,15 @@ pub fn parse_tag_list(
                     any = true;
                 }
                 _ => {
-                    if tags.len() == MAX_LIST_TAGS {
+                    if count == MAX_LIST_TAGS {
                         return Err(fail("too many entity tags"));
                     }
-                    tags.push(cursor.entity_tag().map_err(|e| fail(e.reason))?);
+                    count += 1;
+                    let tag = cursor.entity_tag().map_err(|e| fail(e.reason))?;
+                    match &mut tags {
+                        Some(tags) => tags.push(tag),
+                        None => tags = Some(tag.into()),
+                    }
                 }
             }
             cursor.skip_ows();
@@ -434,11 +620,11 @@ pub fn parse_tag_list(
             }
         }
     }
-    match (any, tags.is_empty()) {
-        (true, true) => Ok(Some(TagList::Any)),
-        (true, false) => Err(fail("\"*\" cannot be combined with entity tags")),
-        (false, false) => Ok(Some(TagList::Tags(tags))),
-        (false, true) => Err(fail("empty list")),
+    match (any, tags) {
+        (true, None) => Ok(Some(TagList::Any)),
+        (true, Some(_)) => Err(fail("\"*\" cannot be combined with entity tags")),
+        (false, Some(tags)) => Ok(Some(TagList::Tags(tags))),
+        (false, None) => Err(fail("empty list")),
     }
 }
 
@@ -521,9 +707,9 @@ mod tests {
                 "{other}"
             );
         }
-        let list = TagList::Tags(vec![gzip.clone()]);
+        let list = TagList::Tags(gzip.clone().into());
         assert!(list.strong_match(&v) && list.weak_match(&v));
-        let weak = TagList::Tags(vec![EntityTag::weak("a-b-gzip").unwrap()]);
+        let weak = TagList::Tags(EntityTag::weak("a-b-gzip").unwrap().into());
         assert!(!weak.strong_match(&v) && weak.weak_match(&v));
     }
     use http::header::{IF_MATCH, IF_NONE_MATCH};
@@ -637,6 +823,80 @@ mod tests {
     #[test]
     fn absent_header_is_none() {
         assert_eq!(parse_tag_list(&HeaderMap::new(), &IF_MATCH).unwrap(), None);
+    }
+
+    #[test]
+    fn short_and_long_opaque_values_compare_and_hash_alike() {
+        use std::collections::hash_map::DefaultHasher;
+        use std::hash::{Hash, Hasher};
+        let hash = |tag: &EntityTag| {
+            let mut hasher = DefaultHasher::new();
+            tag.hash(&mut hasher);
+            hasher.finish()
+        };
+        // Either side of the inline bound, and obs-text (two UTF-8 bytes per char).
+        for opaque in [
+            String::new(),
+            "a".repeat(INLINE_OPAQUE),
+            "a".repeat(INLINE_OPAQUE + 1),
+            "\u{ff}".repeat(INLINE_OPAQUE / 2),
+            "\u{ff}".repeat(INLINE_OPAQUE / 2 + 1),
+            format!("{}-gzip", "a".repeat(INLINE_OPAQUE)),
+        ] {
+            let tag = EntityTag::strong(&opaque).unwrap();
+            assert_eq!(tag.opaque(), opaque);
+            let parsed = EntityTag::parse_bytes(tag.to_header_value().as_bytes()).unwrap();
+            assert_eq!(parsed, tag);
+            assert_eq!(hash(&parsed), hash(&tag));
+            assert_eq!(parsed.opaque(), opaque);
+            let shared = EntityTag {
+                weak: false,
+                opaque: Opaque::Shared(Arc::from(opaque.as_str())),
+            };
+            assert_eq!(shared, tag);
+            assert_eq!(hash(&shared), hash(&tag));
+            assert!(shared.strong_eq(&tag) && tag.names_version(&shared));
+        }
+        assert!(matches!(
+            EntityTag::strong("a".repeat(INLINE_OPAQUE)).unwrap().opaque,
+            Opaque::Inline { .. }
+        ));
+        assert!(matches!(
+            EntityTag::strong("a".repeat(INLINE_OPAQUE + 1))
+                .unwrap()
+                .opaque,
+            Opaque::Shared(_)
+        ));
+    }
+
+    #[test]
+    fn tags_and_lists_of_one_stay_small() {
+        // Tags sit in every entry, list, reservation and response future.
+        assert_eq!(std::mem::size_of::<EntityTag>(), 32);
+        assert!(std::mem::size_of::<Option<TagList>>() <= 40);
+    }
+
+    #[test]
+    fn tag_lists_of_one_and_of_many_read_alike() {
+        let a = EntityTag::strong("a").unwrap();
+        let b = EntityTag::weak("b").unwrap();
+        let one = Tags::from(a.clone());
+        assert_eq!(one, Tags::from(vec![a.clone()]));
+        assert_eq!(one, std::iter::once(a.clone()).collect::<Tags>());
+        assert!(matches!(one.0, TagsRepr::One(_)));
+        let two: Tags = [a.clone(), b.clone()].into_iter().collect();
+        assert_eq!(&*two, [a.clone(), b.clone()]);
+        assert_ne!(one, two);
+        assert_eq!(format!("{two:?}"), r#"["a", W/"b"]"#);
+        assert_eq!((&two).into_iter().count(), 2);
+        let Some(TagList::Tags(parsed)) = list(&[b"\"a\"", b"W/\"b\""]).unwrap() else {
+            panic!("a list")
+        };
+        assert_eq!(parsed, two);
+        let Some(TagList::Tags(parsed)) = list(&[b" \"a\" ,"]).unwrap() else {
+            panic!("a list")
+        };
+        assert!(matches!(parsed.0, TagsRepr::One(_)));
     }
 
     #[test]

@@ -196,11 +196,11 @@ pub fn is_read(method: &Method) -> bool {
 /// ```
 /// use http::Method;
 /// use tower_precondition::{evaluate::{evaluate, Decision, Preconditions}, etag::TagList};
-/// use tower_precondition::store::Version;
+/// use tower_precondition::{store::Version, EntityTag};
 ///
 /// let current = Version::new("\"v2\"".parse().unwrap(), std::time::SystemTime::now()).unwrap();
 /// let stale = Preconditions {
-///     if_match: Some(TagList::Tags(vec!["\"v1\"".parse().unwrap()])),
+///     if_match: Some(TagList::Tags(EntityTag::strong("v1").unwrap().into())),
 ///     ..Default::default()
 /// };
 /// assert_eq!(evaluate(&Method::PUT, &stale, Some(&current)), Decision::PreconditionFailed);
@@ -350,7 +350,7 @@ mod tests {
     fn if_match_beats_unmodified_since() {
         let v = version("a", T);
         let pre = Preconditions {
-            if_match: Some(TagList::Tags(vec![EntityTag::strong("a").unwrap()])),
+            if_match: Some(TagList::Tags(EntityTag::strong("a").unwrap().into())),
             if_unmodified_since: Some(T - 100),
             ..Default::default()
         };

@@ -1086,7 +1086,7 @@ mod loom_tests {
 
     fn if_match(s: &str) -> Preconditions {
         Preconditions {
-            if_match: Some(TagList::Tags(vec![tag(s)])),
+            if_match: Some(TagList::Tags(tag(s).into())),
             ..Preconditions::default()
         }
     }

@@ -74,7 +74,7 @@ pub(crate) fn set_not_modified_validators(
         .map(EntityTag::to_strong);
     match named {
         Some(tag) => {
-            if tag.opaque() != version.etag().opaque() {
+            if !tag.weak_eq(version.etag()) {
                 ensure_vary(headers, header::ACCEPT_ENCODING);
             }
             headers.insert(header::ETAG, tag.to_header_value());

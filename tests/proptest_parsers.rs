@@ -86,7 +86,7 @@ fn tag_list() -> impl Strategy<Value = Option<TagList>> {
     prop_oneof![
         2 => Just(None),
         1 => Just(Some(TagList::Any)),
-        3 => prop::collection::vec(small_tag(), 1..4).prop_map(|t| Some(TagList::Tags(t))),
+        3 => prop::collection::vec(small_tag(), 1..4).prop_map(|t| Some(TagList::Tags(t.into()))),
     ]
 }
 

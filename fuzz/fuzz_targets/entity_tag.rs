@@ -49,7 +49,7 @@ fuzz_target!(|data: &[u8]| {
         headers.insert(IF_MATCH, tag.to_header_value());
         assert_eq!(
             parse_tag_list(&headers, &IF_MATCH),
-            Ok(Some(TagList::Tags(vec![tag])))
+            Ok(Some(TagList::Tags(tag.into())))
         );
     }
 });

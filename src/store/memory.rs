@@ -1,11 +1,17 @@
 //! The in-process store: a sharded map, the default backend.
 
-use std::{collections::HashMap, hash::BuildHasher, time::Instant};
+use std::{hash::BuildHasher, time::Instant};
+
+use hashbrown::HashTable;
 
 use super::{AtomicVersionStore, CasOutcome, Entry, StoreError};
 use crate::sync::{Mutex, MutexGuard, RandomState};
 
-type Shard = Mutex<HashMap<Box<str>, Entry>>;
+/// A shard's keys and entries. A table keyed by a hash the store computes once, where
+/// a `HashMap` would hash the key a second time with its own keys: one SipHash per
+/// call instead of two.
+type Table = HashTable<(Box<str>, Entry)>;
+type Shard = Mutex<Table>;
 
 /// An in-memory [`AtomicVersionStore`]: versions live as long as the process.
 ///
@@ -56,11 +62,12 @@ impl Default for MemoryStore {
 impl MemoryStore {
     /// The default bound: one million entries.
     ///
-    /// Measured full (`benches/benches/memory_keys.rs`, 16 shards): about 280 MiB of
-    /// heap (300 MiB resident) with short keys and the layer's 22-character tags, and
-    /// at most about 510 MiB (540 MiB resident) with keys of 256 bytes, the longest a
+    /// Measured full (`benches/benches/memory_keys.rs`, 16 shards): about 240 MiB of
+    /// heap (260 MiB resident) with short keys and the layer's 22-character tags, and
+    /// at most about 470 MiB (490 MiB resident) with keys of 256 bytes, the longest a
     /// layer stores as they are. The hash tables take about 237 bytes per entry; each
-    /// entry adds its key and its tag (a handler's own, longer tags add their length).
+    /// entry adds its key, and a tag longer than 22 bytes (a handler's own) its length
+    /// plus 16.
     pub const DEFAULT_CAPACITY: usize = 1_000_000;
 
     /// A store of [`DEFAULT_CAPACITY`](Self::DEFAULT_CAPACITY) entries with a shard count suited to this
@@ -114,9 +121,18 @@ impl MemoryStore {
         self.len() == 0
     }
 
-    fn shard(&self, key: &str) -> MutexGuard<'_, HashMap<Box<str>, Entry>> {
-        let index = self.hasher.hash_one(key) as usize % self.shards.len();
-        lock(&self.shards[index])
+    /// The key's hash and its shard, locked.
+    fn shard(&self, key: &str) -> (u64, MutexGuard<'_, Table>) {
+        let hash = self.hasher.hash_one(key);
+        // The table picks a bucket by the hash's low bits and tags it with its top 7:
+        // the shard is chosen by bits in between, so that neither is narrowed within
+        // a shard (tables stay far below 2^32 buckets).
+        let index = (hash >> 32) as usize % self.shards.len();
+        (hash, lock(&self.shards[index]))
+    }
+
+    fn rehash(&self) -> impl Fn(&(Box<str>, Entry)) -> u64 + '_ {
+        |(key, _)| self.hasher.hash_one(&**key)
     }
 }
 
@@ -130,7 +146,10 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 
 impl MemoryStore {
     fn get(&self, key: &str) -> Result<Option<Entry>, StoreError> {
-        Ok(self.shard(key).get(key).cloned())
+        let (hash, shard) = self.shard(key);
+        Ok(shard
+            .find(hash, |(stored, _)| **stored == *key)
+            .map(|(_, entry)| entry.clone()))
     }
 
     fn swap(
@@ -139,40 +158,55 @@ impl MemoryStore {
         expected: Option<&Entry>,
         new: Option<&Entry>,
     ) -> Result<CasOutcome, StoreError> {
-        let mut shard = self.shard(key);
-        let current = shard.get_mut(key);
-        if current.as_deref() != expected {
-            return Ok(CasOutcome::mismatch_or_replay(current.cloned(), new));
-        }
-        match (current, new) {
-            // Replace in place: `insert` would allocate a new key only to drop it.
-            (Some(slot), Some(entry)) => *slot = entry.clone(),
-            (None, Some(entry)) => {
-                if shard.len() >= self.per_shard {
-                    let now = self.now_millis();
-                    let victim = shard
-                        .iter()
-                        .find(|(_, e)| e.live_lease(now).is_none())
-                        .map(|(k, _)| k.clone());
-                    match victim {
-                        Some(victim) => {
-                            shard.remove(&victim);
-                        }
-                        None => {
-                            return Err(StoreError::unavailable(
-                                "memory store full: every entry of the shard is a live lease",
-                            ))
-                        }
-                    }
+        let (hash, mut shard) = self.shard(key);
+        match shard.find_entry(hash, |(stored, _)| **stored == *key) {
+            Ok(mut slot) => {
+                if Some(&slot.get().1) != expected {
+                    return Ok(CasOutcome::mismatch_or_replay(
+                        Some(slot.get().1.clone()),
+                        new,
+                    ));
                 }
-                shard.insert(key.into(), entry.clone());
+                match new {
+                    // Replace in place: the key stays as it is.
+                    Some(entry) => slot.get_mut().1 = entry.clone(),
+                    None => drop(slot.remove()),
+                }
             }
-            (Some(_), None) => {
-                shard.remove(key);
+            Err(_) => {
+                if expected.is_some() {
+                    return Ok(CasOutcome::mismatch_or_replay(None, new));
+                }
+                let Some(entry) = new else {
+                    return Ok(CasOutcome::Applied);
+                };
+                if shard.len() >= self.per_shard {
+                    self.evict_one(&mut shard)?;
+                }
+                shard.insert_unique(hash, (key.into(), entry.clone()), self.rehash());
             }
-            (None, None) => {}
         }
         Ok(CasOutcome::Applied)
+    }
+
+    /// Makes room in a full shard: drops an entry that holds no live lease.
+    fn evict_one(&self, shard: &mut Table) -> Result<(), StoreError> {
+        let now = self.now_millis();
+        let evictable = |(_, entry): &(Box<str>, Entry)| entry.live_lease(now).is_none();
+        let Some(hash) = shard
+            .iter()
+            .find(|stored| evictable(stored))
+            .map(|(key, _)| self.hasher.hash_one(&**key))
+        else {
+            return Err(StoreError::unavailable(
+                "memory store full: every entry of the shard is a live lease",
+            ));
+        };
+        // Any evictable entry under that hash will do: no key is copied to find it.
+        if let Ok(victim) = shard.find_entry(hash, evictable) {
+            drop(victim.remove());
+        }
+        Ok(())
     }
 }
 
