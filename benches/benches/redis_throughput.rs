@@ -15,8 +15,15 @@
 //!
 //! The app is an axum router with trivial handlers behind the layer, driven in process
 //! (no HTTP), so what is measured is the layer plus its Redis round trips.
+//!
+//! Two figures do not depend on how much CPU the shared machine leaves this run: the
+//! client process's heap allocations per request (a counting allocator, on only while
+//! the round trips are counted, one request at a time, the bench's own request
+//! building included) and its CPU time per request during the throughput runs (user
+//! plus system, all threads, from `/proc/self/stat`).
 
 use std::{
+    alloc::{GlobalAlloc, Layout, System},
     collections::BTreeMap,
     net::TcpListener,
     process::{Child, Command, Stdio},
@@ -42,6 +49,53 @@ use tower_precondition::{
     store::{AtomicVersionStore, Entry, RedisStore},
     EntityTag, PreconditionLayer, Version,
 };
+
+/// Counts heap allocations while `COUNT_ALLOCS` is on (a relaxed load otherwise).
+struct CountingAlloc;
+
+static COUNT_ALLOCS: AtomicBool = AtomicBool::new(false);
+static ALLOCS: AtomicU64 = AtomicU64::new(0);
+
+// SAFETY: every call is forwarded unchanged to the system allocator; only a counter is
+// added.
+unsafe impl GlobalAlloc for CountingAlloc {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        if COUNT_ALLOCS.load(Ordering::Relaxed) {
+            ALLOCS.fetch_add(1, Ordering::Relaxed);
+        }
+        // SAFETY: the caller's contract is passed on as is.
+        unsafe { System.alloc(layout) }
+    }
+
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        // SAFETY: as above.
+        unsafe { System.dealloc(ptr, layout) }
+    }
+
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        if COUNT_ALLOCS.load(Ordering::Relaxed) {
+            ALLOCS.fetch_add(1, Ordering::Relaxed);
+        }
+        // SAFETY: as above.
+        unsafe { System.realloc(ptr, layout, new_size) }
+    }
+}
+
+#[global_allocator]
+static GLOBAL: CountingAlloc = CountingAlloc;
+
+/// This process's CPU time so far, user plus system over all its threads, in seconds
+/// (`/proc/self/stat`, in ticks of `USER_HZ`, 100 on Linux); `None` where there is no
+/// such file.
+fn process_cpu_seconds() -> Option<f64> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    // After the command name (in parentheses, which may hold spaces): field 3 onwards;
+    // utime and stime are fields 14 and 15.
+    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    let utime: u64 = fields.get(11)?.parse().ok()?;
+    let stime: u64 = fields.get(12)?.parse().ok()?;
+    Some((utime + stime) as f64 / 100.0)
+}
 
 /// A connection that counts the round trips (commands sent by the client) through it.
 #[derive(Clone)]
@@ -218,6 +272,8 @@ async fn count(
     cli(server, &["CONFIG", "RESETSTAT"]);
     round_trips.store(0, Ordering::SeqCst);
     let mut statuses = BTreeMap::new();
+    let allocs_before = ALLOCS.load(Ordering::Relaxed);
+    COUNT_ALLOCS.store(true, Ordering::Relaxed);
     for (i, etag) in etags.iter().enumerate() {
         let uri = format!("/items/{label}-{i}");
         let (status, _) = match kind {
@@ -229,6 +285,8 @@ async fn count(
         };
         *statuses.entry(status).or_insert(0usize) += 1;
     }
+    COUNT_ALLOCS.store(false, Ordering::Relaxed);
+    let allocs = ALLOCS.load(Ordering::Relaxed) - allocs_before;
     let trips = round_trips.load(Ordering::SeqCst);
     let calls = command_calls(server);
     let total: u64 = calls.values().sum();
@@ -238,10 +296,11 @@ async fn count(
         .map(|(name, c)| format!("{name} {:.2}", *c as f64 / n as f64))
         .collect();
     println!(
-        "| {label} | {:.2} | {:.2} | {} | {statuses:?} |",
+        "| {label} | {:.2} | {:.2} | {} | {statuses:?} | {:.1} |",
         trips as f64 / n as f64,
         total as f64 / n as f64,
-        per.join(", ")
+        per.join(", "),
+        allocs as f64 / n as f64
     );
 }
 
@@ -255,14 +314,22 @@ enum Kind {
     Stale,
 }
 
-/// `concurrency` tasks sending requests for `seconds`; answers requests per second.
-async fn throughput(app: &Router, concurrency: usize, seconds: f64, method: &'static str) -> f64 {
+/// What a throughput run measured.
+struct Run {
+    per_second: f64,
+    /// This process's CPU time per request, in microseconds (0 where unknown).
+    cpu_us: f64,
+}
+
+/// `concurrency` tasks sending requests for `seconds`.
+async fn throughput(app: &Router, concurrency: usize, seconds: f64, method: &'static str) -> Run {
     // Every task has its own key, so writes never conflict (no 409 to retry).
     for task in 0..concurrency {
         send(app, "PUT", &format!("/items/load-{task}"), &[]).await;
     }
     let stop = Arc::new(AtomicBool::new(false));
     let done = Arc::new(AtomicU64::new(0));
+    let cpu_start = process_cpu_seconds();
     let start = Instant::now();
     let tasks: Vec<_> = (0..concurrency)
         .map(|task| {
@@ -284,7 +351,15 @@ async fn throughput(app: &Router, concurrency: usize, seconds: f64, method: &'st
     for task in tasks {
         task.await.expect("load task");
     }
-    done.load(Ordering::Relaxed) as f64 / start.elapsed().as_secs_f64()
+    let elapsed = start.elapsed().as_secs_f64();
+    let requests = done.load(Ordering::Relaxed) as f64;
+    let cpu = cpu_start
+        .zip(process_cpu_seconds())
+        .map_or(0.0, |(start, end)| end - start);
+    Run {
+        per_second: requests / elapsed,
+        cpu_us: cpu * 1e6 / requests.max(1.0),
+    }
 }
 
 fn median(mut values: Vec<f64>) -> f64 {
@@ -338,8 +413,11 @@ fn main() {
         let counted_app = app(counting);
 
         println!("## Round trips per request (1000 requests each)\n");
-        println!("| request | round trips | commands Redis ran | by command | statuses |");
-        println!("| --- | --- | --- | --- | --- |");
+        println!(
+            "| request | round trips | commands Redis ran | by command | statuses \
+             | client allocations |"
+        );
+        println!("| --- | --- | --- | --- | --- | --- |");
         for (label, kind) in [
             ("read", Kind::Read),
             ("read-seeds", Kind::ReadSeeds),
@@ -383,25 +461,36 @@ fn main() {
         println!("\n## Throughput, {concurrency} concurrent clients, one machine\n");
         println!(
             "| round | PUT via layer | EVALSHA, redis-benchmark | ratio \
-             | PUT, no entry cache | ratio | GET via layer | HGETALL, redis-benchmark | ratio |"
+             | PUT, no entry cache | ratio | GET via layer | HGETALL, redis-benchmark | ratio \
+             | client CPU per PUT | per GET |"
         );
-        println!("| --- | --- | --- | --- | --- | --- | --- | --- | --- |");
+        println!("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |");
         let mut runs: [Vec<f64>; 4] = Default::default();
         let mut ratios: [Vec<f64>; 3] = Default::default();
         let mut uncached_runs = Vec::new();
+        let mut cpu: [Vec<f64>; 2] = Default::default();
         for round in 1..=rounds {
-            let writes = throughput(&app, concurrency, seconds, "PUT").await;
-            let uncached_writes = throughput(&uncached, concurrency, seconds, "PUT").await;
+            let put = throughput(&app, concurrency, seconds, "PUT").await;
+            let writes = put.per_second;
+            let uncached_writes = throughput(&uncached, concurrency, seconds, "PUT")
+                .await
+                .per_second;
             let evals_per_sec = redis_benchmark(&server, concurrency, evals, &script_args);
-            let reads = throughput(&app, concurrency, seconds, "GET").await;
+            let get = throughput(&app, concurrency, seconds, "GET").await;
+            let reads = get.per_second;
             let hgetall = redis_benchmark(&server, concurrency, evals, &hgetall_args);
             println!(
                 "| {round} | {writes:.0} | {evals_per_sec:.0} | {:.3} \
-                 | {uncached_writes:.0} | {:.3} | {reads:.0} | {hgetall:.0} | {:.3} |",
+                 | {uncached_writes:.0} | {:.3} | {reads:.0} | {hgetall:.0} | {:.3} \
+                 | {:.1} µs | {:.1} µs |",
                 writes / evals_per_sec,
                 uncached_writes / evals_per_sec,
-                reads / hgetall
+                reads / hgetall,
+                put.cpu_us,
+                get.cpu_us
             );
+            cpu[0].push(put.cpu_us);
+            cpu[1].push(get.cpu_us);
             uncached_runs.push(uncached_writes);
             ratios[2].push(uncached_writes / evals_per_sec);
             for (run, value) in runs.iter_mut().zip([writes, evals_per_sec, reads, hgetall]) {
@@ -413,9 +502,11 @@ fn main() {
         let [writes, evals_per_sec, reads, hgetall] = runs.map(median);
         let [write_ratio, read_ratio, uncached_ratio] = ratios.map(median);
         let uncached_writes = median(uncached_runs);
+        let [put_cpu, get_cpu] = cpu.map(median);
         println!(
             "| median | {writes:.0} | {evals_per_sec:.0} | {write_ratio:.3} \
-             | {uncached_writes:.0} | {uncached_ratio:.3} | {reads:.0} | {hgetall:.0} | {read_ratio:.3} |"
+             | {uncached_writes:.0} | {uncached_ratio:.3} | {reads:.0} | {hgetall:.0} | {read_ratio:.3} \
+             | {put_cpu:.1} µs | {get_cpu:.1} µs |"
         );
         println!(
             "\n(ratios: median of the per-round ratios) PUT through the layer / EVALSHA by \

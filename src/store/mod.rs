@@ -227,6 +227,20 @@ impl LeaseToken {
     }
 }
 
+impl LeaseToken {
+    /// The token's 32 lowercase hex digits, as `Display` writes them, built on the
+    /// stack: a store sends it with every reserve and settle.
+    #[cfg_attr(not(feature = "redis"), allow(dead_code))]
+    pub(crate) fn to_hex(self) -> [u8; 32] {
+        const DIGITS: &[u8; 16] = b"0123456789abcdef";
+        let mut hex = [0; 32];
+        for (i, digit) in hex.iter_mut().enumerate() {
+            *digit = DIGITS[((self.0 >> (4 * (31 - i))) & 0xf) as usize];
+        }
+        hex
+    }
+}
+
 impl fmt::Display for LeaseToken {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{:032x}", self.0)
@@ -628,6 +642,14 @@ mod tests {
         let t = LeaseToken::random();
         assert_eq!(LeaseToken::parse_hex(&t.to_string()), Some(t));
         assert_eq!(LeaseToken::parse_hex("xyz"), None);
+        for token in [
+            t,
+            LeaseToken(0),
+            LeaseToken(u128::MAX),
+            LeaseToken(0xab << 120),
+        ] {
+            assert_eq!(token.to_hex(), token.to_string().as_bytes());
+        }
     }
 
     #[test]
