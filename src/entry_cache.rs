@@ -24,7 +24,7 @@ use hashbrown::HashTable;
 
 use crate::{
     store::Entry,
-    sync::{Mutex, MutexGuard, RandomState},
+    sync::{shard_index, Mutex, MutexGuard, RandomState},
 };
 
 const SHARDS: usize = 16;
@@ -132,9 +132,7 @@ impl EntryCache {
             return None;
         }
         let hash = self.hasher.hash_one(key);
-        // Bits between the table's bucket (low) and tag (top 7) bits, as in the
-        // memory store: neither is narrowed within a shard.
-        let index = (hash >> 32) as usize % self.shards.len();
+        let index = shard_index(hash, self.shards.len());
         // Every mutation is one insert or remove: a poisoned lock is still consistent.
         let shard = self.shards[index]
             .lock()

@@ -37,7 +37,7 @@
 //! The work is bounded: a field longer than [`MAX_LIST_BYTES`] or with more than
 //! [`MAX_LIST_TAGS`] members is refused before anything is allocated for its members.
 
-use std::{fmt, hash, ops::Deref, sync::Arc};
+use std::{borrow::Cow, fmt, hash, ops::Deref, sync::Arc};
 
 use http::header::{HeaderMap, HeaderName, HeaderValue};
 
@@ -322,27 +322,42 @@ impl EntityTag {
         })
     }
 
+    /// The opaque value as the bytes it stands for on the wire (each char one byte, the
+    /// ISO-8859-1 reading): borrowed for ASCII, which every tag the layer makes is.
+    pub(crate) fn opaque_wire_bytes(&self) -> Cow<'_, [u8]> {
+        let opaque = self.opaque.as_bytes();
+        if opaque.is_ascii() {
+            return Cow::Borrowed(opaque);
+        }
+        // Every char is <= U+00FF by construction, so this is the original byte.
+        Cow::Owned(self.opaque.chars().map(|c| c as u8).collect())
+    }
+
+    /// A strong tag whose opaque value is `bytes` as on the wire: the inverse of
+    /// [`opaque_wire_bytes`](Self::opaque_wire_bytes), for a store that keeps the bytes.
+    #[cfg(any(feature = "redis", test))]
+    pub(crate) fn strong_from_wire_bytes(bytes: &[u8]) -> Result<Self, InvalidEntityTag> {
+        if !bytes.iter().copied().all(is_etagc) {
+            return Err(InvalidEntityTag::new(
+                "opaque value holds a character outside etagc",
+            ));
+        }
+        Ok(Self {
+            weak: false,
+            opaque: opaque_from_bytes(bytes),
+        })
+    }
+
     /// The tag as a header value, exactly the bytes a client sent or will receive.
     pub fn to_header_value(&self) -> HeaderValue {
+        let opaque = self.opaque_wire_bytes();
         // Exact capacity: the buffer then becomes the value's `Bytes` without a copy.
-        let opaque = self.opaque.as_bytes();
-        let ascii = opaque.is_ascii();
-        let opaque_len = if ascii {
-            opaque.len()
-        } else {
-            self.opaque.chars().count()
-        };
-        let mut bytes = Vec::with_capacity(opaque_len + if self.weak { 4 } else { 2 });
+        let mut bytes = Vec::with_capacity(opaque.len() + if self.weak { 4 } else { 2 });
         if self.weak {
             bytes.extend_from_slice(b"W/");
         }
         bytes.push(b'"');
-        if ascii {
-            bytes.extend_from_slice(opaque);
-        } else {
-            // Every char is <= U+00FF by construction, so this is the original byte.
-            bytes.extend(self.opaque.chars().map(|c| c as u8));
-        }
+        bytes.extend_from_slice(&opaque);
         bytes.push(b'"');
         HeaderValue::from_maybe_shared(bytes::Bytes::from(bytes))
             .expect("etagc bytes are valid header value bytes")
@@ -867,6 +882,24 @@ mod tests {
                 .opaque,
             Opaque::Shared(_)
         ));
+    }
+
+    #[test]
+    fn tags_round_trip_through_their_wire_bytes() {
+        for opaque in ["v1", "", "caf\u{e9}\u{ff}", &"a".repeat(40)] {
+            let tag = EntityTag::strong(opaque).unwrap();
+            let stored = tag.opaque_wire_bytes();
+            assert_eq!(
+                matches!(stored, Cow::Borrowed(_)),
+                opaque.is_ascii(),
+                "{opaque:?}"
+            );
+            assert_eq!(EntityTag::strong_from_wire_bytes(&stored).unwrap(), tag);
+        }
+        let obs_text = EntityTag::strong("\u{ff}").unwrap();
+        assert_eq!(&*obs_text.opaque_wire_bytes(), b"\xff");
+        assert!(EntityTag::strong_from_wire_bytes(b"no\"quote").is_err());
+        assert!(EntityTag::strong_from_wire_bytes(b"no space").is_err());
     }
 
     #[test]

@@ -27,6 +27,14 @@ pub(crate) use loom::sync::{
 pub(crate) type RandomState =
     std::hash::BuildHasherDefault<std::collections::hash_map::DefaultHasher>;
 
+/// The shard, of `shards`, that a key of `hash` belongs to. A shard's `hashbrown`
+/// table picks a bucket by the hash's low bits and tags it with its top 7: the shard
+/// is chosen by bits in between, so that neither is narrowed within a shard (tables
+/// stay far below 2^32 buckets).
+pub(crate) fn shard_index(hash: u64, shards: usize) -> usize {
+    (hash >> 32) as usize % shards
+}
+
 /// The model checker's driver, shared by the `loom_tests` modules.
 #[cfg(all(test, tower_precondition_loom))]
 pub(crate) mod model {

@@ -5,7 +5,7 @@ use std::{hash::BuildHasher, time::Instant};
 use hashbrown::HashTable;
 
 use super::{AtomicVersionStore, CasOutcome, Entry, StoreError};
-use crate::sync::{Mutex, MutexGuard, RandomState};
+use crate::sync::{shard_index, Mutex, MutexGuard, RandomState};
 
 /// A shard's keys and entries. A table keyed by a hash the store computes once, where
 /// a `HashMap` would hash the key a second time with its own keys: one SipHash per
@@ -124,10 +124,7 @@ impl MemoryStore {
     /// The key's hash and its shard, locked.
     fn shard(&self, key: &str) -> (u64, MutexGuard<'_, Table>) {
         let hash = self.hasher.hash_one(key);
-        // The table picks a bucket by the hash's low bits and tags it with its top 7:
-        // the shard is chosen by bits in between, so that neither is narrowed within
-        // a shard (tables stay far below 2^32 buckets).
-        let index = (hash >> 32) as usize % self.shards.len();
+        let index = shard_index(hash, self.shards.len());
         (hash, lock(&self.shards[index]))
     }
 

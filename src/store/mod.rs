@@ -225,12 +225,9 @@ impl LeaseToken {
         }
         u128::from_str_radix(s, 16).ok().map(Self)
     }
-}
 
-impl LeaseToken {
     /// The token's 32 lowercase hex digits, as `Display` writes them, built on the
     /// stack: a store sends it with every reserve and settle.
-    #[cfg_attr(not(feature = "redis"), allow(dead_code))]
     pub(crate) fn to_hex(self) -> [u8; 32] {
         const DIGITS: &[u8; 16] = b"0123456789abcdef";
         let mut hex = [0; 32];
@@ -243,7 +240,8 @@ impl LeaseToken {
 
 impl fmt::Display for LeaseToken {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{:032x}", self.0)
+        // Hex digits are ASCII, so this never falls back to the empty string.
+        f.write_str(std::str::from_utf8(&self.to_hex()).unwrap_or_default())
     }
 }
 
@@ -648,7 +646,8 @@ mod tests {
             LeaseToken(u128::MAX),
             LeaseToken(0xab << 120),
         ] {
-            assert_eq!(token.to_hex(), token.to_string().as_bytes());
+            assert_eq!(token.to_hex(), format!("{:032x}", token.0).as_bytes());
+            assert_eq!(token.to_string(), format!("{:032x}", token.0));
         }
     }
 
