@@ -57,6 +57,14 @@ impl StoreClock {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
+    /// [`now`](Self::now) when it needs no call to the store: `None` when there is no
+    /// sample yet, or when the sample is stale and no other request is refreshing it.
+    pub(crate) fn now_if_fresh(&self) -> Option<StoreNow> {
+        let sample = self.current()?;
+        let stale = Instant::now().saturating_duration_since(sample.received) >= REFRESH_AFTER;
+        (!stale || self.refreshing.load(Ordering::Acquire)).then_some(StoreNow { sample })
+    }
+
     /// A lower bound of the store's clock now, in its milliseconds. Asks the store when
     /// there is no sample yet, or when this request is the one that refreshes a stale
     /// sample (the others go on with the old one, which is still a valid lower bound).
@@ -118,7 +126,12 @@ pub(crate) struct StoreNow {
 impl StoreNow {
     /// A lower bound of the store's clock at this moment.
     pub(crate) fn millis(&self) -> u64 {
-        self.sample.lower_bound_at(Instant::now())
+        self.millis_at(Instant::now())
+    }
+
+    /// A lower bound of the store's clock at the local instant `at`.
+    pub(crate) fn millis_at(&self, at: Instant) -> u64 {
+        self.sample.lower_bound_at(at)
     }
 
     /// The latest local instant at which the store's clock is surely still before

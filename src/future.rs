@@ -18,7 +18,7 @@ use std::{
     task::{ready, Context, Poll},
 };
 
-use http::{header, HeaderMap, Method, Request, Response};
+use http::{header, request::Parts, HeaderMap, Method, Request, Response};
 use pin_project_lite::pin_project;
 use tokio::time::Sleep;
 use tower_service::Service;
@@ -28,7 +28,10 @@ use crate::{
     etag::EntityTag,
     evaluate::{evaluate, Decision, Preconditions},
     layer::Config,
-    protocol::{self, PendingSeed, ReadStart, Settled, Settlement, WriteGuard},
+    protocol::{
+        self, PendingSeed, ReadStart, Reserve, ReserveStep, Settled, Settlement, WriteGuard,
+    },
+    request_body::{BufferableBody, CollectBody},
     response::{
         into_not_modified, not_modified, remove_validators, set_validators, Early, Problem,
     },
@@ -43,11 +46,11 @@ pin_project! {
     pub struct ResponseFuture<S, ReqBody, ResBody>
     where
         S: Service<Request<ReqBody>, Response = Response<ResBody>>,
+        ReqBody: BufferableBody,
     {
         #[pin]
         state: State<S, ReqBody, ResBody>,
         ctx: Option<Ctx>,
-        guard: Option<WriteGuard>,
     }
 }
 
@@ -56,6 +59,7 @@ pin_project! {
     enum State<S, ReqBody, ResBody>
     where
         S: Service<Request<ReqBody>, Response = Response<ResBody>>,
+        ReqBody: BufferableBody,
     {
         Ready { response: Option<Response<ResponseBody<ResBody>>> },
         Passthrough { #[pin] future: S::Future },
@@ -69,7 +73,21 @@ pin_project! {
             prepare: BoxFuture<Result<(Request<ReqBody>, WriteGuard), Early>>,
             inner: Option<S>,
         },
-        Writing { #[pin] future: S::Future, #[pin] deadline: Sleep },
+        Collecting {
+            #[pin] body: CollectBody<ReqBody>,
+            parts: Option<Parts>,
+            inner: Option<S>,
+        },
+        Reserving {
+            reserve: BoxFuture<Result<WriteGuard, Problem>>,
+            request: Option<Request<ReqBody>>,
+            inner: Option<S>,
+        },
+        Writing {
+            #[pin] future: S::Future,
+            #[pin] deadline: Sleep,
+            guard: Option<WriteGuard>,
+        },
         Finishing { finish: BoxFuture<Output<ResBody, S::Error>> },
     }
 }
@@ -108,13 +126,10 @@ enum ReadState {
 impl<S, ReqBody, ResBody> ResponseFuture<S, ReqBody, ResBody>
 where
     S: Service<Request<ReqBody>, Response = Response<ResBody>>,
+    ReqBody: BufferableBody,
 {
     fn with_state(state: State<S, ReqBody, ResBody>, ctx: Option<Ctx>) -> Self {
-        Self {
-            state,
-            ctx,
-            guard: None,
-        }
+        Self { state, ctx }
     }
 
     pub(crate) fn passthrough(future: S::Future) -> Self {
@@ -143,6 +158,33 @@ where
             load,
             inner: Some(inner),
             request: Some(request),
+        };
+        Self::with_state(
+            state,
+            Some(Ctx {
+                config,
+                key,
+                method,
+                pre,
+            }),
+        )
+    }
+
+    /// A write with no access check and a buffered body: the body is collected and the
+    /// write reserved in place, without a boxed future while the store answers at once.
+    pub(crate) fn collect_and_write(
+        body: CollectBody<ReqBody>,
+        parts: Parts,
+        inner: S,
+        config: Arc<Config>,
+        key: Arc<str>,
+        method: Method,
+        pre: Preconditions,
+    ) -> Self {
+        let state = State::Collecting {
+            body,
+            parts: Some(parts),
+            inner: Some(inner),
         };
         Self::with_state(
             state,
@@ -185,6 +227,7 @@ where
 impl<S, ReqBody, ResBody> Future for ResponseFuture<S, ReqBody, ResBody>
 where
     S: Service<Request<ReqBody>, Response = Response<ResBody>>,
+    ReqBody: BufferableBody,
     S::Error: Send + 'static,
     ResBody: Send + 'static,
 {
@@ -255,37 +298,73 @@ where
                 }
 
                 StateProj::Preparing { prepare, inner } => {
-                    let prepared = ready!(prepare.as_mut().poll(cx));
-                    match prepared {
-                        Ok((mut request, mut guard)) => {
-                            let mut inner = inner.take().expect("inner service taken once");
-                            // Judged by the store's clock, so that no host's clock can
-                            // push the handler past its lease.
-                            let deadline = guard.deadline();
-                            request.extensions_mut().insert(guard.reservation());
-                            guard.handler_started();
-                            *this.guard = Some(guard);
-                            State::Writing {
-                                future: inner.call(request),
-                                deadline: tokio::time::sleep_until(deadline),
-                            }
-                        }
+                    match ready!(prepare.as_mut().poll(cx)) {
+                        Ok((request, guard)) => start_write(inner, request, guard),
                         Err(early) => State::Ready {
                             response: Some(early.into_response()),
                         },
                     }
                 }
-                StateProj::Writing { future, deadline } => {
+                StateProj::Collecting { body, parts, inner } => {
+                    let bytes = match ready!(body.poll(cx)) {
+                        Ok(bytes) => bytes,
+                        Err(refusal) => {
+                            this.state.set(State::Ready {
+                                response: Some(Problem::from(&refusal).into_response()),
+                            });
+                            continue;
+                        }
+                    };
+                    let parts = parts.take().expect("request head taken once");
+                    let request = Request::from_parts(parts, ReqBody::from_bytes(bytes));
+                    let ctx = this.ctx.as_mut().expect("write context");
+                    // The reserve owns the preconditions from here on; nothing after it
+                    // reads them.
+                    let pre = std::mem::take(&mut ctx.pre);
+                    let mut reserve =
+                        Reserve::new(ctx.config.clone(), ctx.key.clone(), ctx.method.clone(), pre);
+                    match reserve.run_now(ReserveStep::ReadClock) {
+                        ReserveStep::Done(Ok(())) => {
+                            start_write(inner, request, reserve.into_guard())
+                        }
+                        ReserveStep::Done(Err(problem)) => State::Ready {
+                            response: Some(problem.into_response()),
+                        },
+                        step => State::Reserving {
+                            reserve: Box::pin(reserve.run(step)),
+                            request: Some(request),
+                            inner: inner.take(),
+                        },
+                    }
+                }
+                StateProj::Reserving {
+                    reserve,
+                    request,
+                    inner,
+                } => match ready!(reserve.as_mut().poll(cx)) {
+                    Ok(guard) => {
+                        let request = request.take().expect("request taken once");
+                        start_write(inner, request, guard)
+                    }
+                    Err(problem) => State::Ready {
+                        response: Some(problem.into_response()),
+                    },
+                },
+                StateProj::Writing {
+                    future,
+                    deadline,
+                    guard,
+                } => {
+                    let result = match future.poll(cx) {
+                        Poll::Ready(result) => Some(result),
+                        Poll::Pending if deadline.poll(cx).is_pending() => return Poll::Pending,
+                        Poll::Pending => None,
+                    };
                     let ctx = this.ctx.take().expect("write context");
-                    let guard = this.guard.take().expect("write guard");
-                    match future.poll(cx) {
-                        Poll::Ready(result) => finish_write(ctx, guard, result),
-                        Poll::Pending => {
-                            if deadline.poll(cx).is_pending() {
-                                *this.ctx = Some(ctx);
-                                *this.guard = Some(guard);
-                                return Poll::Pending;
-                            }
+                    let guard = guard.take().expect("write guard");
+                    match result {
+                        Some(result) => finish_write(ctx, guard, result),
+                        None => {
                             // Dropping the handler's future (by leaving this state)
                             // cancels it; the outcome is unknown, so: a fresh version.
                             tracing::warn!(key = &*ctx.key, "handler missed its deadline (503)");
@@ -296,8 +375,38 @@ where
                     }
                 }
             };
+            // A finished response is handed out as it is, not first moved into the
+            // state (a copy of the whole state, on every request).
+            if let State::Ready { response } = next {
+                let response = response.expect("a ready state holds its response");
+                this.state.set(State::Ready { response: None });
+                return Poll::Ready(Ok(response));
+            }
             this.state.set(next);
         }
+    }
+}
+
+/// Runs the handler of a reserved write, under its deadline.
+fn start_write<S, ReqBody, ResBody>(
+    inner: &mut Option<S>,
+    mut request: Request<ReqBody>,
+    mut guard: WriteGuard,
+) -> State<S, ReqBody, ResBody>
+where
+    S: Service<Request<ReqBody>, Response = Response<ResBody>>,
+    ReqBody: BufferableBody,
+{
+    let mut inner = inner.take().expect("inner service taken once");
+    // Judged by the store's clock, so that no host's clock can push the handler past
+    // its lease.
+    let deadline = guard.deadline();
+    request.extensions_mut().insert(guard.reservation());
+    guard.handler_started();
+    State::Writing {
+        future: inner.call(request),
+        deadline: tokio::time::sleep_until(deadline),
+        guard: Some(guard),
     }
 }
 
@@ -365,6 +474,7 @@ fn finish_read<S, ReqBody, ResBody>(
 ) -> State<S, ReqBody, ResBody>
 where
     S: Service<Request<ReqBody>, Response = Response<ResBody>>,
+    ReqBody: BufferableBody,
     S::Error: Send + 'static,
     ResBody: Send + 'static,
 {
@@ -532,6 +642,7 @@ fn finish_write<S, ReqBody, ResBody>(
 ) -> State<S, ReqBody, ResBody>
 where
     S: Service<Request<ReqBody>, Response = Response<ResBody>>,
+    ReqBody: BufferableBody,
     S::Error: Send + 'static,
     ResBody: Send + 'static,
 {

@@ -361,8 +361,8 @@ impl PreconditionLayer {
     }
 }
 
-/// What the model check (`protocol::loom_tests`) drives the protocol with.
-#[cfg(all(test, tower_precondition_loom))]
+/// What the protocol's own tests (and its model check) drive it with.
+#[cfg(test)]
 impl PreconditionLayer {
     pub(crate) fn into_config(self) -> Config {
         self.config

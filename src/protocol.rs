@@ -17,7 +17,7 @@ use pin_project_lite::pin_project;
 use tokio::time::Instant;
 
 use crate::{
-    clock::{far_future, millis},
+    clock::{far_future, millis, StoreNow},
     entry_cache::EntryCache,
     etag::{EntityTag, TagList},
     evaluate::{evaluate, Decision, Preconditions},
@@ -148,22 +148,26 @@ enum OnDrop {
 /// A reserved write. Owns the lease until it is settled; dropped unsettled, it settles
 /// itself (in a spawned task) so that no outcome goes unrecorded.
 pub(crate) struct WriteGuard {
-    store: Arc<dyn AtomicVersionStore>,
-    cache: Arc<EntryCache>,
+    /// The layer's settings: the store, the entry cache and the store timeout.
+    config: Arc<Config>,
     key: Arc<str>,
     /// The entry the reserve expected to find.
     before: Option<Entry>,
+    /// What the reserve put in place: the version it replaces, with our lease.
     reserved: Entry,
-    replacing: Option<Version>,
     create: bool,
     deadline: Instant,
-    store_timeout: Duration,
     on_drop: OnDrop,
     /// Set when a streamed request body failed while the handler read it.
     body_failed: Option<WatchFlag>,
 }
 
 impl WriteGuard {
+    /// The version this write replaces (`None`: a create).
+    fn replacing(&self) -> Option<&Version> {
+        self.reserved.version()
+    }
+
     /// Watches a streamed request body: if it fails, the write's outcome is unknown.
     pub(crate) fn watch_body(&mut self, flag: Option<WatchFlag>) {
         self.body_failed = flag;
@@ -177,7 +181,7 @@ impl WriteGuard {
     pub(crate) fn reservation(&self) -> Reservation {
         Reservation {
             key: self.key.clone(),
-            replacing: self.replacing.clone(),
+            replacing: self.replacing().cloned(),
             create: self.create,
             deadline: self.deadline,
             token: self.token(),
@@ -202,18 +206,16 @@ impl WriteGuard {
 
     fn new_entry(&self, settlement: Settlement) -> Option<Entry> {
         let now = SystemTime::now();
-        let successor = |etag| Version::successor(self.replacing.as_ref(), etag, now);
+        let successor = |etag| Version::successor(self.replacing(), etag, now);
         match settlement {
             Settlement::Commit(etag) => {
                 successor(etag.unwrap_or_else(fresh_etag)).map(Entry::committed)
             }
             // Keeps the seeded flag: an unknown outcome proves no more about existence
             // than the read that seeded the version did.
-            Settlement::Unknown => {
-                unknown_outcome_base(self.replacing.as_ref()).map(Entry::committed)
-            }
+            Settlement::Unknown => unknown_outcome_base(self.replacing()).map(Entry::committed),
             Settlement::Remove => None,
-            Settlement::Release => Entry::from_parts(self.replacing.clone(), None),
+            Settlement::Release => Entry::from_parts(self.replacing().cloned(), None),
         }
     }
 
@@ -234,9 +236,10 @@ impl WriteGuard {
     pub(crate) fn settle_now(mut self, settlement: Settlement) -> Result<Settled, PendingSettle> {
         let outcome_name = settlement.name();
         let new = self.new_entry(settlement);
-        let answer = self
-            .store
-            .compare_and_set_now(&self.key, Some(&self.reserved), new.as_ref());
+        let answer =
+            self.config
+                .store
+                .compare_and_set_now(&self.key, Some(&self.reserved), new.as_ref());
         match answer {
             Some(Ok(CasOutcome::Applied)) => Ok(self.applied(outcome_name, new)),
             first => Err(PendingSettle {
@@ -252,7 +255,7 @@ impl WriteGuard {
     fn applied(&mut self, outcome_name: &'static str, new: Option<Entry>) -> Settled {
         self.on_drop = OnDrop::Nothing;
         tracing::debug!(key = &*self.key, outcome = outcome_name, "write settled");
-        self.cache.remember(&self.key, new.as_ref());
+        self.config.entry_cache.remember(&self.key, new.as_ref());
         Settled::Applied(new.and_then(Entry::into_version))
     }
 
@@ -261,8 +264,8 @@ impl WriteGuard {
         new: Option<&'a Entry>,
     ) -> impl Future<Output = Result<CasOutcome, StoreError>> + 'a {
         swap_entry(
-            self.store.as_ref(),
-            self.store_timeout,
+            &*self.config.store,
+            self.config.store_timeout,
             &self.key,
             Some(&self.reserved),
             new,
@@ -289,7 +292,7 @@ impl WriteGuard {
         match outcome {
             Ok(CasOutcome::Applied) => self.applied(outcome_name, new),
             Ok(CasOutcome::Mismatch { current }) => {
-                self.cache.forget(&self.key);
+                self.config.entry_cache.forget(&self.key);
                 tracing::error!(
                     key,
                     outcome = outcome_name,
@@ -300,7 +303,7 @@ impl WriteGuard {
                 Settled::LeaseLost
             }
             Err(error) => {
-                self.cache.forget(&self.key);
+                self.config.entry_cache.forget(&self.key);
                 tracing::error!(key, outcome = outcome_name, %error,
                     "could not settle the write; the lease will expire and be taken over");
                 Settled::Unknown
@@ -318,8 +321,8 @@ impl WriteGuard {
         }
         let fresh = unknown_outcome_base(found.version()).map(Entry::committed);
         let result = swap_entry(
-            self.store.as_ref(),
-            self.store_timeout,
+            &*self.config.store,
+            self.config.store_timeout,
             &self.key,
             Some(&found),
             fresh.as_ref(),
@@ -340,24 +343,27 @@ impl Drop for WriteGuard {
             OnDrop::Unknown => Settlement::Unknown,
         };
         let outcome_name = settlement.name();
-        self.cache.forget(&self.key);
+        self.config.entry_cache.forget(&self.key);
         // An unanswered reserve is undone into a *fence*: the old version with a release
         // marker, an entry no earlier call can expect. A plain release would equal the
         // entry before the reserve, so a release landing first would pass for a replay
         // and a reserve landing after it would leave a lease nobody owns.
         let fence = (on_drop == OnDrop::Unreserve).then(|| {
-            Entry::from_parts(self.replacing.clone(), Some(Lease::released(self.token())))
+            Entry::from_parts(
+                self.replacing().cloned(),
+                Some(Lease::released(self.token())),
+            )
         });
         let new = match &fence {
             Some(fence) => fence.clone(),
             None => self.new_entry(settlement),
         };
         let fence = fence.flatten();
-        let store = self.store.clone();
+        let config = self.config.clone();
         let key = self.key.clone();
         let reserved = self.reserved.clone();
         let before = self.before.clone();
-        let timeout = self.store_timeout;
+        let timeout = self.config.store_timeout;
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
             tracing::warn!(
                 key = &*key,
@@ -372,11 +378,11 @@ impl Drop for WriteGuard {
         );
         runtime.spawn(async move {
             let cas = |expected: Option<Entry>, new: Option<Entry>| {
-                let store = store.clone();
+                let config = config.clone();
                 let key = key.clone();
                 async move {
                     swap_entry(
-                        store.as_ref(),
+                        &*config.store,
                         timeout,
                         &key,
                         expected.as_ref(),
@@ -564,155 +570,324 @@ pub(crate) async fn reserve(
     method: Method,
     pre: Preconditions,
 ) -> Result<WriteGuard, Problem> {
-    let store_failed = |error: StoreError| {
-        tracing::warn!(key = &*key, %error, "version store failed; refusing the write (503)");
-        Problem::store_unavailable(config.retry_after)
-    };
-    // `&dyn`, not `&Arc<dyn>`: `Arc`'s forwarding impl would box every call twice.
-    let store: &dyn AtomicVersionStore = &*config.store;
-    let clock = config
-        .clock
-        .now(store, config.store_timeout)
-        .await
-        .map_err(store_failed)?;
-    let cache = &config.entry_cache;
-    let load = || async {
-        let loaded = load_entry(store, config.store_timeout, &key)
-            .await
-            .map_err(store_failed)?;
-        cache.remember(&key, loaded.as_ref());
-        Ok::<_, Problem>(loaded)
-    };
-    // With a cache, the first compare-and-set expects the entry last seen (or none, for
-    // a key not remembered): a right guess saves the load, a wrong one costs the
-    // mismatch that the load would have cost. `confirmed` says whether `current` came
-    // from the store (a load, or a mismatch's answer) rather than from memory.
-    let mut confirmed = !cache.is_enabled();
-    let mut current = if confirmed {
-        load().await?
-    } else {
-        cache.get(&key)
-    };
+    let mut reserve = Reserve::new(config, key, method, pre);
+    match reserve.run_now(ReserveStep::ReadClock) {
+        ReserveStep::Done(result) => result.map(|()| reserve.into_guard()),
+        step => reserve.run(step).await,
+    }
+}
 
-    let mut attempts = 0;
-    while attempts < config.max_reserve_attempts {
+/// The reserve as a machine that asks for one store call at a time: the same decisions
+/// whether the calls are answered at once ([`run_now`](Self::run_now), no future, for a
+/// store in the process) or awaited ([`run`](Self::run)), and a reserve that began at
+/// once can go on awaiting from the step where the store stopped answering at once.
+pub(crate) struct Reserve {
+    config: Arc<Config>,
+    key: Arc<str>,
+    method: Method,
+    pre: Preconditions,
+    /// The store's clock, read once per reserve.
+    clock: Option<StoreNow>,
+    current: Option<Entry>,
+    /// Whether `current` came from the store (a load, or a mismatch's answer) rather
+    /// than from the entry cache.
+    confirmed: bool,
+    attempts: u32,
+    /// The lease being put in place, then in place: kept here rather than passed from
+    /// step to step, as it is large.
+    lease: Option<WriteGuard>,
+}
+
+/// What a [`Reserve`] waits for next.
+pub(crate) enum ReserveStep {
+    /// The store's clock.
+    ReadClock,
+    /// A fresh load of the entry.
+    Load,
+    /// Clear an expired lease (expecting `current`) before answering `412` with `base`.
+    Clear {
+        cleared: Option<Entry>,
+        base: Option<Version>,
+    },
+    /// Put our lease on the entry (expecting `current`).
+    Lease,
+    /// Finished: reserved (the guard is [`Reserve::into_guard`]), or refused.
+    Done(Result<(), Problem>),
+}
+
+impl Reserve {
+    pub(crate) fn new(
+        config: Arc<Config>,
+        key: Arc<str>,
+        method: Method,
+        pre: Preconditions,
+    ) -> Self {
+        Self {
+            config,
+            key,
+            method,
+            pre,
+            clock: None,
+            current: None,
+            confirmed: false,
+            attempts: 0,
+            lease: None,
+        }
+    }
+
+    /// The guard of a reserve that finished with `Done(Ok(()))`.
+    pub(crate) fn into_guard(mut self) -> WriteGuard {
+        self.lease
+            .take()
+            .expect("a finished reserve holds its lease")
+    }
+
+    /// Takes the steps the store answers at once, and returns the first it does not
+    /// (or [`ReserveStep::Done`]).
+    pub(crate) fn run_now(&mut self, mut step: ReserveStep) -> ReserveStep {
+        loop {
+            let store: &dyn AtomicVersionStore = &*self.config.store;
+            step = match step {
+                ReserveStep::ReadClock => match self.config.clock.now_if_fresh() {
+                    Some(clock) => self.clock_read(Ok(clock)),
+                    None => return ReserveStep::ReadClock,
+                },
+                ReserveStep::Load => match store.load_now(&self.key) {
+                    Some(loaded) => self.loaded(loaded),
+                    None => return ReserveStep::Load,
+                },
+                ReserveStep::Clear { cleared, base } => {
+                    match store.compare_and_set_now(
+                        &self.key,
+                        self.current.as_ref(),
+                        cleared.as_ref(),
+                    ) {
+                        Some(outcome) => self.clear_answered(cleared, base, outcome),
+                        None => return ReserveStep::Clear { cleared, base },
+                    }
+                }
+                ReserveStep::Lease => {
+                    let reserved = Some(
+                        &self
+                            .lease
+                            .as_ref()
+                            .expect("a lease step holds its lease")
+                            .reserved,
+                    );
+                    match store.compare_and_set_now(&self.key, self.current.as_ref(), reserved) {
+                        Some(outcome) => self.lease_answered(outcome),
+                        None => return ReserveStep::Lease,
+                    }
+                }
+                done @ ReserveStep::Done(_) => return done,
+            };
+        }
+    }
+
+    /// Takes the steps from `step` on, awaiting the store, to the end.
+    pub(crate) async fn run(mut self, mut step: ReserveStep) -> Result<WriteGuard, Problem> {
+        loop {
+            // `&dyn`, not `&Arc<dyn>`: `Arc`'s forwarding impl would box every call twice.
+            let store: &dyn AtomicVersionStore = &*self.config.store;
+            let timeout = self.config.store_timeout;
+            step = match step {
+                ReserveStep::ReadClock => {
+                    let clock = self.config.clock.now(store, timeout).await;
+                    self.clock_read(clock)
+                }
+                ReserveStep::Load => {
+                    let loaded = load_entry(store, timeout, &self.key).await;
+                    self.loaded(loaded)
+                }
+                ReserveStep::Clear { cleared, base } => {
+                    let outcome = swap_entry(
+                        store,
+                        timeout,
+                        &self.key,
+                        self.current.as_ref(),
+                        cleared.as_ref(),
+                    )
+                    .await;
+                    self.clear_answered(cleared, base, outcome)
+                }
+                ReserveStep::Lease => {
+                    let reserved = Some(
+                        &self
+                            .lease
+                            .as_ref()
+                            .expect("a lease step holds its lease")
+                            .reserved,
+                    );
+                    let outcome =
+                        swap_entry(store, timeout, &self.key, self.current.as_ref(), reserved)
+                            .await;
+                    self.lease_answered(outcome)
+                }
+                ReserveStep::Done(result) => return result.map(|()| self.into_guard()),
+            };
+        }
+    }
+
+    fn store_failed(&self, error: StoreError) -> ReserveStep {
+        tracing::warn!(key = &*self.key, %error, "version store failed; refusing the write (503)");
+        ReserveStep::Done(Err(Problem::store_unavailable(self.config.retry_after)))
+    }
+
+    fn clock_read(&mut self, clock: Result<StoreNow, StoreError>) -> ReserveStep {
+        match clock {
+            Ok(clock) => self.clock = Some(clock),
+            Err(error) => return self.store_failed(error),
+        }
+        // With a cache, the first compare-and-set expects the entry last seen (or none,
+        // for a key not remembered): a right guess saves the load, a wrong one costs the
+        // mismatch that the load would have cost.
+        let cache = &self.config.entry_cache;
+        if !cache.is_enabled() {
+            return ReserveStep::Load;
+        }
+        self.current = cache.get(&self.key);
+        self.decide()
+    }
+
+    fn loaded(&mut self, loaded: Result<Option<Entry>, StoreError>) -> ReserveStep {
+        let loaded = match loaded {
+            Ok(loaded) => loaded,
+            Err(error) => return self.store_failed(error),
+        };
+        self.config.entry_cache.remember(&self.key, loaded.as_ref());
+        self.current = loaded;
+        self.confirmed = true;
+        self.decide()
+    }
+
+    fn clear_answered(
+        &mut self,
+        cleared: Option<Entry>,
+        base: Option<Version>,
+        outcome: Result<CasOutcome, StoreError>,
+    ) -> ReserveStep {
+        match outcome {
+            Err(error) => self.store_failed(error),
+            Ok(CasOutcome::Applied) => {
+                self.config
+                    .entry_cache
+                    .remember(&self.key, cleared.as_ref());
+                self.precondition_failed(base)
+            }
+            Ok(CasOutcome::Mismatch { current: found }) => self.mismatched(found),
+        }
+    }
+
+    fn lease_answered(&mut self, outcome: Result<CasOutcome, StoreError>) -> ReserveStep {
+        match outcome {
+            Ok(CasOutcome::Applied) => {
+                tracing::debug!(key = &*self.key, "write reserved");
+                ReserveStep::Done(Ok(()))
+            }
+            Ok(CasOutcome::Mismatch { current: found }) => {
+                if let Some(mut guard) = self.lease.take() {
+                    guard.on_drop = OnDrop::Nothing;
+                }
+                self.mismatched(found)
+            }
+            Err(error) => {
+                // The lease may or may not have landed, or land later; the guard's
+                // drop undoes it, or fences the entry so that it cannot.
+                drop(self.lease.take());
+                self.store_failed(error)
+            }
+        }
+    }
+
+    fn mismatched(&mut self, found: Option<Entry>) -> ReserveStep {
+        self.config.entry_cache.remember(&self.key, found.as_ref());
+        self.current = found;
+        self.confirmed = true;
+        self.decide()
+    }
+
+    fn precondition_failed(&self, base: Option<Version>) -> ReserveStep {
+        tracing::info!(key = &*self.key, current = ?base.as_ref().map(Version::etag), "precondition failed (412)");
+        ReserveStep::Done(Err(Problem::precondition_failed(
+            base,
+            &self.pre,
+            self.config.validators_on_412,
+        )))
+    }
+
+    /// Judges `current`: the next store call, or the answer.
+    fn decide(&mut self) -> ReserveStep {
+        let config = &*self.config;
+        if self.attempts >= config.max_reserve_attempts {
+            tracing::info!(
+                key = &*self.key,
+                "write refused: too much contention on the resource (409)"
+            );
+            return ReserveStep::Done(Err(Problem::write_in_flight(config.retry_after)));
+        }
         // A guess that misses is not an attempt: it only replaces the load.
-        attempts += u32::from(confirmed);
-        let now_millis = clock.millis();
-        let verdict = write_base(current.as_ref(), now_millis);
-        let proceeds = verdict
-            .as_ref()
-            .is_some_and(|(base, _)| evaluate(&method, &pre, base.as_ref()) == Decision::Proceed);
-        if !proceeds && !confirmed {
+        self.attempts += u32::from(self.confirmed);
+        let clock = self
+            .clock
+            .expect("the clock is read before any entry is judged");
+        let local_now = Instant::now();
+        let now_millis = clock.millis_at(local_now);
+        let verdict = write_base(self.current.as_ref(), now_millis);
+        let proceeds = verdict.as_ref().is_some_and(|(base, _)| {
+            evaluate(&self.method, &self.pre, base.as_ref()) == Decision::Proceed
+        });
+        if !proceeds && !self.confirmed {
             // Never refuse on a guess: ask the store, and decide against its answer.
-            current = load().await?;
-            confirmed = true;
-            continue;
+            return ReserveStep::Load;
         }
         let Some((base, takeover)) = verdict else {
             tracing::info!(
-                key = &*key,
+                key = &*self.key,
                 "write refused: another write is in flight (409)"
             );
-            return Err(Problem::write_in_flight(config.retry_after));
+            return ReserveStep::Done(Err(Problem::write_in_flight(config.retry_after)));
         };
-
         if !proceeds {
             if takeover {
                 // Record the takeover even though this request fails, so the expired
                 // lease is cleared and the 412 carries the real current tag.
                 let cleared = base.clone().map(Entry::committed);
-                match swap_entry(
-                    store,
-                    config.store_timeout,
-                    &key,
-                    current.as_ref(),
-                    cleared.as_ref(),
-                )
-                .await
-                .map_err(store_failed)?
-                {
-                    CasOutcome::Applied => cache.remember(&key, cleared.as_ref()),
-                    CasOutcome::Mismatch { current: found } => {
-                        cache.remember(&key, found.as_ref());
-                        current = found;
-                        continue;
-                    }
-                }
+                return ReserveStep::Clear { cleared, base };
             }
-            tracing::info!(key = &*key, current = ?base.as_ref().map(Version::etag), "precondition failed (412)");
-            return Err(Problem::precondition_failed(
-                base,
-                &pre,
-                config.validators_on_412,
-            ));
+            return self.precondition_failed(base);
         }
 
         let expires = now_millis.saturating_add(millis(config.lease));
         let lease = Lease::from_parts(LeaseToken::random(), expires);
-        let reserved = Entry::from_parts(base.clone(), Some(lease))
-            .expect("an entry with a lease is never empty");
+        let create = base.is_none()
+            || (matches!(self.pre.if_none_match, Some(TagList::Any))
+                && base.as_ref().is_some_and(Version::is_seeded));
+        let reserved =
+            Entry::from_parts(base, Some(lease)).expect("an entry with a lease is never empty");
         // The handler must be done while the store's clock is surely short of the
         // expiry, with a fifth of the lease left over for the settle.
         let lease_end = clock.local_instant_before(expires);
         let settle_room = config.lease / 5;
-        let deadline = Instant::now()
+        let deadline = local_now
             .checked_add(config.handler_timeout)
             .unwrap_or_else(far_future)
             .min(lease_end.checked_sub(settle_room).unwrap_or(lease_end));
-        let create = base.is_none()
-            || (matches!(pre.if_none_match, Some(TagList::Any))
-                && base.as_ref().is_some_and(Version::is_seeded));
-        let mut guard = WriteGuard {
-            store: config.store.clone(),
-            cache: cache.clone(),
-            key: key.clone(),
-            before: current.clone(),
+        if takeover {
+            tracing::debug!(key = &*self.key, "taking over an expired lease");
+        }
+        self.lease = Some(WriteGuard {
+            config: self.config.clone(),
+            key: self.key.clone(),
+            before: self.current.clone(),
             reserved,
-            replacing: base,
             create,
             deadline,
-            store_timeout: config.store_timeout,
             // Dropped while the reserve is in flight: undo our lease if it landed.
             on_drop: OnDrop::Unreserve,
             body_failed: None,
-        };
-        let outcome = swap_entry(
-            store,
-            config.store_timeout,
-            &key,
-            current.as_ref(),
-            Some(&guard.reserved),
-        )
-        .await;
-        match outcome {
-            Ok(CasOutcome::Applied) => {
-                tracing::debug!(
-                    key = &*key,
-                    takeover,
-                    create = guard.create,
-                    "write reserved"
-                );
-                return Ok(guard);
-            }
-            Ok(CasOutcome::Mismatch { current: found }) => {
-                guard.on_drop = OnDrop::Nothing;
-                cache.remember(&key, found.as_ref());
-                current = found;
-                confirmed = true;
-            }
-            Err(error) => {
-                // The lease may or may not have land, or land later; the guard's drop
-                // undoes it, or fences the entry so that it cannot.
-                return Err(store_failed(error));
-            }
-        }
+        });
+        ReserveStep::Lease
     }
-    tracing::info!(
-        key = &*key,
-        "write refused: too much contention on the resource (409)"
-    );
-    Err(Problem::write_in_flight(config.retry_after))
 }
 
 /// What a read learned from the store before its handler runs.
@@ -1023,6 +1198,144 @@ pub(crate) async fn adopt_handler_tag(
 /// Whether an `If-Match` asks for specific tags (not `*`).
 pub(crate) fn if_match_names_tags(pre: &Preconditions) -> bool {
     matches!(pre.if_match, Some(TagList::Tags(_)))
+}
+
+/// The reserve's two drivers on a store that answers some calls at once and not others:
+/// the at-once driver must stop before the first call it cannot make, having written
+/// nothing, and the awaiting driver must finish from there.
+#[cfg(all(test, not(tower_precondition_loom)))]
+mod reserve_handoff_tests {
+    use std::sync::Arc;
+
+    use http::StatusCode;
+
+    use super::*;
+    use crate::{layer::PreconditionLayer, store::MemoryStore};
+
+    const KEY: &str = "/items/1";
+
+    /// A memory store whose loads (`loads_now`) or compare-and-sets (otherwise) are
+    /// only answered through their futures.
+    struct PartlyAtOnce {
+        inner: MemoryStore,
+        loads_now: bool,
+    }
+
+    #[async_trait::async_trait]
+    impl AtomicVersionStore for PartlyAtOnce {
+        async fn load(&self, key: &str) -> Result<Option<Entry>, StoreError> {
+            self.inner.load(key).await
+        }
+
+        async fn clock_millis(&self) -> Result<u64, StoreError> {
+            self.inner.clock_millis().await
+        }
+
+        async fn compare_and_set(
+            &self,
+            key: &str,
+            expected: Option<&Entry>,
+            new: Option<&Entry>,
+        ) -> Result<CasOutcome, StoreError> {
+            self.inner.compare_and_set(key, expected, new).await
+        }
+
+        fn load_now(&self, key: &str) -> Option<Result<Option<Entry>, StoreError>> {
+            self.loads_now.then(|| self.inner.load_now(key)).flatten()
+        }
+
+        fn compare_and_set_now(
+            &self,
+            key: &str,
+            expected: Option<&Entry>,
+            new: Option<&Entry>,
+        ) -> Option<Result<CasOutcome, StoreError>> {
+            (!self.loads_now)
+                .then(|| self.inner.compare_and_set_now(key, expected, new))
+                .flatten()
+        }
+    }
+
+    fn committed(s: &str) -> Entry {
+        Entry::committed(Version::new(EntityTag::strong(s).unwrap(), SystemTime::now()).unwrap())
+    }
+
+    fn if_match(s: &str) -> Preconditions {
+        Preconditions {
+            if_match: Some(TagList::Tags(EntityTag::strong(s).unwrap().into())),
+            ..Preconditions::default()
+        }
+    }
+
+    async fn setup(loads_now: bool) -> (Arc<Config>, Entry) {
+        let inner = MemoryStore::new();
+        let seeded = committed("v0");
+        let outcome = inner.compare_and_set(KEY, None, Some(&seeded)).await;
+        assert!(matches!(outcome, Ok(CasOutcome::Applied)));
+        let config = PreconditionLayer::new(PartlyAtOnce { inner, loads_now }).into_config();
+        // A fresh clock sample, so that the at-once driver gets past the clock.
+        config
+            .clock
+            .now(&*config.store, config.store_timeout)
+            .await
+            .unwrap();
+        (Arc::new(config), seeded)
+    }
+
+    fn start(config: &Arc<Config>, pre: Preconditions) -> (Reserve, ReserveStep) {
+        let mut reserve = Reserve::new(config.clone(), Arc::from(KEY), Method::PUT, pre);
+        let step = reserve.run_now(ReserveStep::ReadClock);
+        (reserve, step)
+    }
+
+    #[tokio::test]
+    async fn a_lease_the_store_cannot_take_at_once_is_awaited_from_where_it_stopped() {
+        let (config, seeded) = setup(true).await;
+        let (reserve, step) = start(&config, if_match("v0"));
+        assert!(matches!(step, ReserveStep::Lease), "stopped at the lease");
+        // Nothing written yet.
+        let stored = config.store.load(KEY).await.unwrap();
+        assert_eq!(stored.as_ref(), Some(&seeded));
+        let Ok(guard) = reserve.run(step).await else {
+            panic!("reserved");
+        };
+        let stored = config.store.load(KEY).await.unwrap().unwrap();
+        assert!(stored.write_lease().is_some(), "our lease is in place");
+        assert_eq!(stored.version(), seeded.version());
+        assert_eq!(guard.replacing(), seeded.version());
+        let settled = guard.settle(Settlement::Release).await;
+        assert!(matches!(settled, Settled::Applied(Some(_))));
+        assert_eq!(config.store.load(KEY).await.unwrap(), Some(seeded));
+    }
+
+    #[tokio::test]
+    async fn a_refusal_needs_no_future_when_the_load_is_answered_at_once() {
+        let (config, seeded) = setup(true).await;
+        let (_, step) = start(&config, if_match("other"));
+        let ReserveStep::Done(Err(problem)) = step else {
+            panic!("refused at once");
+        };
+        let response = problem.into_response::<http_body_util::Empty<bytes::Bytes>>();
+        assert_eq!(response.status(), StatusCode::PRECONDITION_FAILED);
+        assert_eq!(config.store.load(KEY).await.unwrap(), Some(seeded));
+    }
+
+    #[tokio::test]
+    async fn a_load_the_store_cannot_answer_at_once_is_awaited_then_leased_at_once() {
+        let (config, seeded) = setup(false).await;
+        let (reserve, step) = start(&config, if_match("v0"));
+        assert!(matches!(step, ReserveStep::Load), "stopped at the load");
+        let Ok(guard) = reserve.run(step).await else {
+            panic!("reserved");
+        };
+        let stored = config.store.load(KEY).await.unwrap().unwrap();
+        assert!(stored.write_lease().is_some());
+        let settled = guard.settle(Settlement::Commit(None)).await;
+        let Settled::Applied(Some(version)) = settled else {
+            panic!("committed: {settled:?}");
+        };
+        assert_ne!(Some(&version), seeded.version());
+    }
 }
 
 /// The model check of the write protocol over the memory store

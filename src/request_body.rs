@@ -84,11 +84,11 @@ use bytes::Bytes;
 use http::{header, HeaderMap};
 use http_body::Body;
 use http_body_util::{
-    combinators::{BoxBody, Collect, UnsyncBoxBody},
-    BodyExt, Full, LengthLimitError, Limited,
+    combinators::{BoxBody, UnsyncBoxBody},
+    BodyExt, Full, LengthLimitError,
 };
 use pin_project_lite::pin_project;
-use tokio::time::Timeout;
+use tokio::time::Sleep;
 
 use crate::response::Problem;
 
@@ -365,14 +365,55 @@ impl RequestBodyConfig {
         }
         CollectBody {
             state: CollectState::Reading {
-                future: tokio::time::timeout(
-                    self.read_timeout,
-                    Limited::new(body, limit).collect(),
-                ),
+                body,
+                collected: Collected::Empty,
                 declared,
                 limit,
                 timeout: self.read_timeout,
+                deadline: None,
             },
+        }
+    }
+}
+
+/// The bytes read so far: the common body of one frame is kept as it came, without a
+/// copy; a second frame starts one buffer for all.
+enum Collected {
+    Empty,
+    One(Bytes),
+    Many(Vec<u8>),
+}
+
+impl Collected {
+    fn len(&self) -> usize {
+        match self {
+            Collected::Empty => 0,
+            Collected::One(bytes) => bytes.len(),
+            Collected::Many(buffer) => buffer.len(),
+        }
+    }
+
+    fn push(&mut self, data: Bytes) {
+        *self = match std::mem::replace(self, Collected::Empty) {
+            Collected::Empty => Collected::One(data),
+            Collected::One(first) => {
+                let mut buffer = Vec::with_capacity(first.len() + data.len());
+                buffer.extend_from_slice(&first);
+                buffer.extend_from_slice(&data);
+                Collected::Many(buffer)
+            }
+            Collected::Many(mut buffer) => {
+                buffer.extend_from_slice(&data);
+                Collected::Many(buffer)
+            }
+        };
+    }
+
+    fn into_bytes(self) -> Bytes {
+        match self {
+            Collected::Empty => Bytes::new(),
+            Collected::One(bytes) => bytes,
+            Collected::Many(buffer) => Bytes::from(buffer),
         }
     }
 }
@@ -421,10 +462,15 @@ pin_project! {
         Refused { refusal: Option<BodyRefusal> },
         Reading {
             #[pin]
-            future: Timeout<Collect<Limited<B>>>,
+            body: B,
+            collected: Collected,
             declared: Option<u64>,
             limit: usize,
             timeout: Duration,
+            // Armed the first time the body is not ready: a body already in hand (the
+            // common case) costs no timer.
+            #[pin]
+            deadline: Option<Sleep>,
         },
     }
 }
@@ -454,34 +500,58 @@ impl<B: BufferableBody> Future for CollectBody<B> {
                 .take()
                 .unwrap_or(BodyRefusal::Failed { source: None }))),
             CollectProj::Reading {
-                future,
+                mut body,
+                collected,
                 declared,
                 limit,
                 timeout,
-            } => {
-                let collected = match ready!(future.poll(cx)) {
-                    Err(_elapsed) => {
-                        return Poll::Ready(Err(BodyRefusal::TimedOut { after: *timeout }))
+                mut deadline,
+            } => loop {
+                match body.as_mut().poll_frame(cx) {
+                    Poll::Ready(Some(Ok(frame))) => {
+                        // Trailers are not part of the bytes.
+                        let Ok(data) = frame.into_data() else {
+                            continue;
+                        };
+                        if data.len() > *limit - collected.len() {
+                            return Poll::Ready(Err(BodyRefusal::TooLarge { limit: *limit }));
+                        }
+                        collected.push(data);
                     }
-                    Ok(Err(error)) => {
+                    Poll::Ready(Some(Err(error))) => {
+                        let error: BoxError = error.into();
                         return Poll::Ready(Err(if is_length_limit(&*error) {
                             BodyRefusal::TooLarge { limit: *limit }
                         } else {
                             BodyRefusal::Failed {
                                 source: Some(error),
                             }
-                        }))
+                        }));
                     }
-                    Ok(Ok(collected)) => collected.to_bytes(),
-                };
-                let received = collected.len() as u64;
-                match *declared {
-                    Some(expected) if expected != received => {
-                        Poll::Ready(Err(BodyRefusal::LengthMismatch { expected, received }))
+                    Poll::Ready(None) => {
+                        let collected = std::mem::replace(collected, Collected::Empty);
+                        let received = collected.len() as u64;
+                        return Poll::Ready(match *declared {
+                            Some(expected) if expected != received => {
+                                Err(BodyRefusal::LengthMismatch { expected, received })
+                            }
+                            _ => Ok(collected.into_bytes()),
+                        });
                     }
-                    _ => Poll::Ready(Ok(collected)),
+                    Poll::Pending => {
+                        if deadline.is_none() {
+                            deadline.set(Some(tokio::time::sleep(*timeout)));
+                        }
+                        let expired = deadline
+                            .as_pin_mut()
+                            .is_some_and(|deadline| deadline.poll(cx).is_ready());
+                        if expired {
+                            return Poll::Ready(Err(BodyRefusal::TimedOut { after: *timeout }));
+                        }
+                        return Poll::Pending;
+                    }
                 }
-            }
+            },
         }
     }
 }
@@ -599,7 +669,7 @@ mod tests {
 
     use http::{HeaderValue, StatusCode};
     use http_body::Frame;
-    use http_body_util::StreamBody;
+    use http_body_util::{Limited, StreamBody};
 
     use super::*;
 
@@ -646,6 +716,40 @@ mod tests {
             .await
             .expect("collected");
         assert_eq!(bytes, "abcd");
+    }
+
+    #[tokio::test]
+    async fn frames_are_joined_up_to_the_limit_and_trailers_left_out() {
+        let collect = |chunks_in: &[&'static [u8]], limit| {
+            RequestBodyConfig::new()
+                .limit(limit)
+                .collect(&HeaderMap::new(), chunks(chunks_in, Then::End))
+        };
+        // One frame is handed on as it came; empty frames and none at all are fine.
+        assert_eq!(collect(&[b"abc"], 3).await.unwrap(), "abc");
+        assert_eq!(collect(&[], 3).await.unwrap(), "");
+        assert_eq!(collect(&[b"", b"ab", b"", b"c"], 3).await.unwrap(), "abc");
+        assert_eq!(collect(&[b"a", b"b", b"c"], 3).await.unwrap(), "abc");
+        // One byte past the limit, in any frame, is too large.
+        for over in [&[b"abcd" as &[u8]][..], &[b"ab", b"cd"], &[b"abc", b"d"]] {
+            let refused = collect(over, 3).await;
+            assert!(
+                matches!(refused, Err(BodyRefusal::TooLarge { limit: 3 })),
+                "{over:?}"
+            );
+        }
+        let mut trailers = HeaderMap::new();
+        trailers.insert("x-checksum", HeaderValue::from_static("1"));
+        let frames: Vec<Result<Frame<Bytes>, Infallible>> = vec![
+            Ok(Frame::data(Bytes::from_static(b"ab"))),
+            Ok(Frame::trailers(trailers)),
+        ];
+        let body = StreamBody::new(futures_util::stream::iter(frames)).boxed();
+        let bytes = RequestBodyConfig::new()
+            .collect(&with_length("2"), body)
+            .await
+            .expect("collected");
+        assert_eq!(bytes, "ab");
     }
 
     #[tokio::test]

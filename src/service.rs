@@ -112,6 +112,10 @@ where
                 }
             };
             ResponseFuture::read(load, inner, request, config, key, method, pre)
+        } else if check.is_none() && !config.request_body.is_streaming() {
+            let (parts, body) = request.into_parts();
+            let body = config.request_body.collect(&parts.headers, body);
+            ResponseFuture::collect_and_write(body, parts, inner, config, key, method, pre)
         } else {
             let prepare = {
                 let config = config.clone();
