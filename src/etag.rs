@@ -99,14 +99,30 @@ impl Opaque {
     }
 
     fn new(text: &str) -> Self {
-        match u8::try_from(text.len()) {
-            Ok(len) if text.len() <= INLINE_OPAQUE => {
-                let mut bytes = [0; INLINE_OPAQUE];
-                bytes[..text.len()].copy_from_slice(text.as_bytes());
-                Opaque::Inline { len, bytes }
-            }
-            _ => Opaque::Shared(Arc::from(text)),
+        Self::inline(text.as_bytes()).unwrap_or_else(|| Opaque::Shared(Arc::from(text)))
+    }
+
+    /// The value of ASCII `bytes` (their own UTF-8): inline without validating them
+    /// again, what a parsed tag takes on every conditional request.
+    fn from_ascii(bytes: &[u8]) -> Self {
+        debug_assert!(bytes.is_ascii());
+        Self::inline(bytes).unwrap_or_else(|| {
+            // Long values allocate anyway; the check is what keeps `unsafe` out.
+            Opaque::Shared(Arc::from(std::str::from_utf8(bytes).unwrap_or_default()))
+        })
+    }
+
+    /// `bytes` held inline, if they fit; the caller vouches that they are UTF-8.
+    fn inline(bytes: &[u8]) -> Option<Self> {
+        if bytes.len() > INLINE_OPAQUE {
+            return None;
         }
+        let mut inline = [0; INLINE_OPAQUE];
+        inline[..bytes.len()].copy_from_slice(bytes);
+        Some(Opaque::Inline {
+            len: bytes.len() as u8,
+            bytes: inline,
+        })
     }
 }
 
@@ -168,15 +184,64 @@ fn is_etagc(byte: u8) -> bool {
     byte == 0x21 || (0x23..=0x7E).contains(&byte) || byte >= 0x80
 }
 
-fn opaque_from_bytes(bytes: &[u8]) -> Opaque {
-    // The common case: ASCII bytes are their own UTF-8, taken without a copy first.
-    if let Some(text) = std::str::from_utf8(bytes)
-        .ok()
-        .filter(|text| text.is_ascii())
-    {
-        return Opaque::new(text);
+/// Whether `byte` is an `etagc` other than obs-text: what nearly every tag is made of.
+fn is_ascii_etagc(byte: u8) -> bool {
+    byte == 0x21 || (0x23..=0x7E).contains(&byte)
+}
+
+/// How many leading bytes of `bytes` are ASCII `etagc`, read eight at a time: a
+/// 22-byte generated tag and its closing quote take three reads, not 23 compares.
+fn ascii_etagc_len(bytes: &[u8]) -> usize {
+    let mut len = 0;
+    while let Some(block) = bytes[len..].first_chunk::<8>() {
+        match first_non_ascii_etagc(block) {
+            Some(i) => return len + i,
+            None => len += 8,
+        }
     }
-    // Lossless: obs-text bytes become U+0080..=U+00FF.
+    if len == bytes.len() {
+        return len;
+    }
+    match bytes.last_chunk::<8>() {
+        // The last eight bytes, overlapping some already read (all `etagc`).
+        Some(block) => {
+            let start = bytes.len() - 8;
+            first_non_ascii_etagc(block).map_or(bytes.len(), |i| start + i)
+        }
+        None => bytes
+            .iter()
+            .position(|&b| !is_ascii_etagc(b))
+            .unwrap_or(bytes.len()),
+    }
+}
+
+/// The index of the first byte of `block` that is not ASCII `etagc`, all eight tested
+/// at once in a `u64`. Each test sets a byte's top bit and works on its low seven bits,
+/// whose sums never carry into the next byte, so every byte's answer is exact.
+fn first_non_ascii_etagc(block: &[u8; 8]) -> Option<usize> {
+    const EACH: u64 = u64::from_le_bytes([1; 8]);
+    let word = u64::from_le_bytes(*block);
+    let low = word & (0x7F * EACH);
+    let stops = (word // obs-text, 0x80..=0xFF
+        | (low + EACH) // 0x7F
+        | !(low + (0x80 - 0x21) * EACH) // below 0x21
+        | !((low ^ (u64::from(b'"') * EACH)) + 0x7F * EACH)) // the quote, 0x22
+        & (0x80 * EACH);
+    (stops != 0).then(|| (stops.trailing_zeros() / 8) as usize)
+}
+
+/// The opaque value of wire bytes that are all `etagc`.
+#[cfg(any(feature = "redis", test))]
+fn opaque_from_bytes(bytes: &[u8]) -> Opaque {
+    // The common case: ASCII bytes are their own UTF-8.
+    if bytes.is_ascii() {
+        return Opaque::from_ascii(bytes);
+    }
+    opaque_from_obs_text(bytes)
+}
+
+/// Lossless: obs-text bytes become U+0080..=U+00FF.
+fn opaque_from_obs_text(bytes: &[u8]) -> Opaque {
     Opaque::new(&bytes.iter().map(|&b| char::from(b)).collect::<String>())
 }
 
@@ -672,31 +737,42 @@ impl<'a> Cursor<'a> {
     }
 
     fn entity_tag(&mut self) -> Result<EntityTag, InvalidEntityTag> {
-        let weak = self.bytes[self.pos..].starts_with(b"W/");
-        if weak {
-            self.pos += 2;
-        }
-        if self.peek() != Some(b'"') {
+        let rest = &self.bytes[self.pos..];
+        let (weak, rest) = match rest.strip_prefix(b"W/") {
+            Some(rest) => (true, rest),
+            None => (false, rest),
+        };
+        let Some(quoted) = rest.strip_prefix(b"\"") else {
             return Err(InvalidEntityTag::new("expected an opening double quote"));
-        }
-        self.bump();
-        let start = self.pos;
-        loop {
-            match self.peek() {
-                None => return Err(InvalidEntityTag::new("missing closing double quote")),
-                Some(b'"') => break,
-                Some(b) if is_etagc(b) => self.bump(),
-                Some(_) => {
-                    return Err(InvalidEntityTag::new(
-                        "opaque value holds a character outside etagc",
-                    ))
-                }
-            }
-        }
-        let opaque = opaque_from_bytes(&self.bytes[start..self.pos]);
-        self.bump();
+        };
+        // One pass over the slice: the ASCII run, then (rarely) obs-text after it.
+        let ascii_len = ascii_etagc_len(quoted);
+        let (len, opaque) = if quoted.get(ascii_len) == Some(&b'"') {
+            (ascii_len, Opaque::from_ascii(&quoted[..ascii_len]))
+        } else {
+            let len = ascii_len + closing_quote(&quoted[ascii_len..])?;
+            (len, opaque_from_obs_text(&quoted[..len]))
+        };
+        // Past the opening quote, the opaque value and the closing quote.
+        self.pos = self.bytes.len() - quoted.len() + len + 1;
         Ok(EntityTag { weak, opaque })
     }
+}
+
+/// Where the closing quote of an opaque value is in `bytes` (which follow its ASCII
+/// start), with the errors of a value that holds a non-`etagc` byte or does not end.
+fn closing_quote(bytes: &[u8]) -> Result<usize, InvalidEntityTag> {
+    for (i, &b) in bytes.iter().enumerate() {
+        if b == b'"' {
+            return Ok(i);
+        }
+        if !is_etagc(b) {
+            return Err(InvalidEntityTag::new(
+                "opaque value holds a character outside etagc",
+            ));
+        }
+    }
+    Err(InvalidEntityTag::new("missing closing double quote"))
 }
 
 #[cfg(test)]
@@ -930,6 +1006,182 @@ mod tests {
             panic!("a list")
         };
         assert!(matches!(parsed.0, TagsRepr::One(_)));
+    }
+
+    /// The parser as it was before the one-pass scan (12a2bde), kept to compare with.
+    mod before_one_pass_scan {
+        use super::super::*;
+
+        fn opaque_from_bytes(bytes: &[u8]) -> Opaque {
+            if let Some(text) = std::str::from_utf8(bytes)
+                .ok()
+                .filter(|text| text.is_ascii())
+            {
+                return Opaque::new(text);
+            }
+            Opaque::new(&bytes.iter().map(|&b| char::from(b)).collect::<String>())
+        }
+
+        pub(super) fn entity_tag(cursor: &mut Cursor<'_>) -> Result<EntityTag, InvalidEntityTag> {
+            let weak = cursor.bytes[cursor.pos..].starts_with(b"W/");
+            if weak {
+                cursor.pos += 2;
+            }
+            if cursor.peek() != Some(b'"') {
+                return Err(InvalidEntityTag::new("expected an opening double quote"));
+            }
+            cursor.bump();
+            let start = cursor.pos;
+            loop {
+                match cursor.peek() {
+                    None => return Err(InvalidEntityTag::new("missing closing double quote")),
+                    Some(b'"') => break,
+                    Some(b) if is_etagc(b) => cursor.bump(),
+                    Some(_) => {
+                        return Err(InvalidEntityTag::new(
+                            "opaque value holds a character outside etagc",
+                        ))
+                    }
+                }
+            }
+            let opaque = opaque_from_bytes(&cursor.bytes[start..cursor.pos]);
+            cursor.bump();
+            Ok(EntityTag { weak, opaque })
+        }
+    }
+
+    /// Whether two opaque values are held alike (inline or shared) with the same bytes.
+    fn same_representation(a: &EntityTag, b: &EntityTag) -> bool {
+        a.weak == b.weak
+            && a.opaque.as_bytes() == b.opaque.as_bytes()
+            && matches!(
+                (&a.opaque, &b.opaque),
+                (Opaque::Inline { .. }, Opaque::Inline { .. })
+                    | (Opaque::Shared(_), Opaque::Shared(_))
+            )
+    }
+
+    /// Both scans from the start of `bytes`: the same tag or error, the same position.
+    fn assert_scans_alike(bytes: &[u8]) {
+        let mut now = Cursor::new(bytes);
+        let mut before = Cursor::new(bytes);
+        let (now_tag, before_tag) = (
+            now.entity_tag(),
+            before_one_pass_scan::entity_tag(&mut before),
+        );
+        let shown = String::from_utf8_lossy(bytes);
+        match (&now_tag, &before_tag) {
+            (Ok(a), Ok(b)) => {
+                assert!(same_representation(a, b), "{shown:?}: {a:?} / {b:?}");
+                assert_eq!(a.opaque(), b.opaque(), "{shown:?}");
+                assert_eq!(now.pos, before.pos, "{shown:?}");
+            }
+            _ => assert_eq!(now_tag, before_tag, "{shown:?}"),
+        }
+    }
+
+    #[test]
+    fn one_pass_scan_reads_tags_as_before() {
+        let long = format!("\"{}\"", "a".repeat(INLINE_OPAQUE + 9));
+        let cases: &[&[u8]] = &[
+            b"\"\"",
+            b"\"a\"",
+            b"W/\"a\"",
+            b"\"aaaaaaaaaaaaaaaaaaaaaa\"",
+            b"W/\"aaaaaaaaaaaaaaaaaaaaaa\", \"b\"",
+            b"\"aaaaaaaaaaaaaaaaaaaaaaa\"",
+            long.as_bytes(),
+            b"\"caf\xc3\xa9\xff\"",
+            b"\"\x80\"",
+            b"\"abcdefg\xff\"",
+            b"\"abcdefgh\xffijklmnopqrstuvwxyz\"",
+            b"\"abc",
+            b"\"abcdefghijklmnop",
+            b"\"abc\xff",
+            b"\"a b\"",
+            b"\"abcdefgh\x7f\"",
+            b"\"abcdefghi\x00\"",
+            b"\"\xffa\x20\"",
+            b"\"",
+            b"W/",
+            b"W",
+            b"",
+            b"w/\"a\"",
+            b"W/ \"a\"",
+            b"x",
+        ];
+        for case in cases {
+            assert_scans_alike(case);
+        }
+        // Every byte, at every place of a tag on either side of the block size.
+        for len in 0..=INLINE_OPAQUE + 2 {
+            for at in 0..len {
+                for byte in 0..=u8::MAX {
+                    let mut tag = vec![b'"'];
+                    tag.extend(std::iter::repeat_n(b'k', len));
+                    tag[1 + at] = byte;
+                    tag.push(b'"');
+                    assert_scans_alike(&tag);
+                    tag.pop();
+                    assert_scans_alike(&tag);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn blocks_find_the_first_byte_outside_ascii_etagc() {
+        for byte in 0..=u8::MAX {
+            for at in 0..8 {
+                let mut block = [b'!'; 8];
+                block[at] = byte;
+                let expected = (!is_ascii_etagc(byte)).then_some(at);
+                assert_eq!(first_non_ascii_etagc(&block), expected, "{byte:#x} at {at}");
+                // A later stop never hides an earlier one.
+                block[7] = b'"';
+                let expected = if is_ascii_etagc(byte) { 7 } else { at };
+                assert_eq!(first_non_ascii_etagc(&block), Some(expected));
+            }
+        }
+        // 0x21 and 0x23..=0x7E.
+        assert_eq!((0..=u8::MAX).filter(|&b| is_ascii_etagc(b)).count(), 93);
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn ascii_runs_match_a_byte_by_byte_scan(
+            bytes in proptest::collection::vec(
+                proptest::prop_oneof![
+                    8 => 0x21u8..=0x7E,
+                    1 => proptest::prelude::any::<u8>(),
+                ],
+                0..48,
+            )
+        ) {
+            let expected = bytes
+                .iter()
+                .position(|&b| !is_ascii_etagc(b))
+                .unwrap_or(bytes.len());
+            proptest::prop_assert_eq!(ascii_etagc_len(&bytes), expected);
+        }
+
+        #[test]
+        fn tags_anywhere_in_a_line_scan_as_before(
+            line in proptest::collection::vec(
+                proptest::prop_oneof![
+                    6 => 0x21u8..=0x7E,
+                    3 => proptest::sample::select(b"\"W/, \t*".to_vec()),
+                    1 => 0x80u8..=0xFF,
+                    1 => proptest::prelude::any::<u8>(),
+                ],
+                0..96,
+            )
+        ) {
+            // From every place a list member could start.
+            for start in 0..=line.len() {
+                assert_scans_alike(&line[start..]);
+            }
+        }
     }
 
     #[test]
