@@ -124,10 +124,40 @@ pub fn canonical_path_key(parts: &Parts) -> Option<String> {
 /// `bounded_key(canonical_path(path))`, shared: one allocation for a path that is
 /// already canonical and short (the layers' default key, on every request).
 pub(crate) fn bounded_path_key(path: &str) -> std::sync::Arc<str> {
+    if is_short_canonical(path) {
+        return std::sync::Arc::from(path);
+    }
+    bounded_canonical_key(path)
+}
+
+/// `bounded_path_key` without its fast path: every path's key, step by step.
+fn bounded_canonical_key(path: &str) -> std::sync::Arc<str> {
     match canonical_path(path) {
         Cow::Borrowed(path) if fits_unbounded(path) => std::sync::Arc::from(path),
         other => std::sync::Arc::from(bounded_key(other.into_owned())),
     }
+}
+
+/// Whether `path` is its own stored key, checked in one pass: at most [`MAX_KEY_LEN`]
+/// bytes, only raw path chars (so no `%` to normalize, and no [`DIGEST_MARK`], whose
+/// `#` is not one) and no dot segment. What nearly every request path is.
+fn is_short_canonical(path: &str) -> bool {
+    if path.len() > MAX_KEY_LEN {
+        return false;
+    }
+    // The dots that begin the current segment; `NOT_DOTS` once it has another char.
+    const NOT_DOTS: u8 = 3;
+    let mut dots = 0;
+    for &b in path.as_bytes() {
+        match b {
+            b'/' if dots == 1 || dots == 2 => return false,
+            b'/' => dots = 0,
+            b'.' => dots = (dots + 1).min(NOT_DOTS),
+            b if is_path_char(b) => dots = NOT_DOTS,
+            _ => return false,
+        }
+    }
+    dots != 1 && dots != 2
 }
 
 /// Whether `key` is stored as it is (see [`bounded_key`]).
@@ -255,12 +285,27 @@ pub fn bounded_key(key: String) -> String {
     out
 }
 
-fn is_unreserved(b: u8) -> bool {
+const fn is_unreserved(b: u8) -> bool {
     b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~')
 }
 
 /// Bytes a path holds raw: `pchar` (RFC 3986 section 3.3) without `%`, plus `/`.
 fn is_path_char(b: u8) -> bool {
+    PATH_CHARS[usize::from(b)]
+}
+
+/// [`is_path_char`] as a table: one load per byte of every request path.
+const PATH_CHARS: [bool; 256] = {
+    let mut table = [false; 256];
+    let mut b = 0;
+    while b < 256 {
+        table[b] = is_path_char_by_class(b as u8);
+        b += 1;
+    }
+    table
+};
+
+const fn is_path_char_by_class(b: u8) -> bool {
     is_unreserved(b)
         || matches!(
             b,
@@ -349,7 +394,10 @@ fn normalize_percent(path: &str) -> Cow<'_, str> {
 }
 
 fn has_dot_segment(path: &str) -> bool {
-    path.split('/').any(|s| s == "." || s == "..")
+    // Split as bytes: a `char` pattern costs a searcher per segment.
+    path.as_bytes()
+        .split(|&b| b == b'/')
+        .any(|s| s == b"." || s == b"..")
 }
 
 /// RFC 3986 section 5.2.4, step by step.
@@ -532,6 +580,97 @@ mod tests {
 
     const UNRESERVED: &str = "ABCXYZabcxyz0189-._~";
 
+    /// `has_dot_segment` as it was, splitting at a `char`.
+    fn has_dot_segment_by_char(path: &str) -> bool {
+        path.split('/').any(|s| s == "." || s == "..")
+    }
+
+    /// The fast path agrees with the step-by-step key, and is taken only where it may be.
+    fn assert_fast_path_exact(path: &str) {
+        let fast = is_short_canonical(path);
+        assert_eq!(
+            bounded_path_key(path),
+            bounded_canonical_key(path),
+            "{path:?}"
+        );
+        let canonical = canonical_path(path);
+        let own_key = matches!(canonical, Cow::Borrowed(_)) && fits_unbounded(path);
+        // Taken only for a path that is its own key (one with `%XX` takes the long way).
+        assert!(!fast || own_key, "{path:?}");
+        assert_eq!(
+            has_dot_segment(path),
+            has_dot_segment_by_char(path),
+            "{path:?}"
+        );
+    }
+
+    #[test]
+    fn fast_path_keys_are_exact() {
+        let at_bound = format!("/{}", "a".repeat(MAX_KEY_LEN - 1));
+        let over_bound = format!("/{}", "a".repeat(MAX_KEY_LEN));
+        let marked = format!("/a{DIGEST_MARK}b");
+        for path in [
+            "",
+            "/",
+            "/items/42",
+            "/items//1/",
+            "*",
+            ".",
+            "..",
+            "...",
+            "/.",
+            "/..",
+            "/...",
+            "./a",
+            "../a",
+            "/a/./b",
+            "/a/../b",
+            "/a/.../b",
+            "/a/.b",
+            "/a/b.",
+            "/a/..b",
+            "/a/b/.",
+            "/a/b/..",
+            "a/.",
+            "/a%2Fb",
+            "/a%2fb",
+            "/%31",
+            "/a b",
+            "/caf\u{e9}",
+            "/a#b",
+            "/a?b",
+            "/a;b=c,d",
+            "/~user",
+            "/%",
+            "/%2",
+            "/a/%2e/b",
+            "//",
+            "/./",
+            at_bound.as_str(),
+            over_bound.as_str(),
+            marked.as_str(),
+        ] {
+            assert_fast_path_exact(path);
+        }
+        assert!(is_short_canonical("/items/42") && is_short_canonical(&at_bound));
+        assert!(!is_short_canonical(&over_bound) && !is_short_canonical(&marked));
+        // Every byte as a segment of its own and inside one.
+        for byte in 0..=0x7F_u8 {
+            let c = char::from(byte);
+            assert_fast_path_exact(&format!("/{c}"));
+            assert_fast_path_exact(&format!("/a{c}b/c"));
+            assert_fast_path_exact(&format!("/.{c}/.."));
+        }
+    }
+
+    #[test]
+    fn path_char_table_is_the_char_classes() {
+        for b in 0..=u8::MAX {
+            let by_class = is_unreserved(b) || b"!$&'()*+,;=:@/".contains(&b);
+            assert_eq!(is_path_char(b), by_class, "{b:#x}");
+        }
+    }
+
     proptest! {
         #[test]
         fn idempotent(path in "[/a.%0-9A-Fa-f~ \u{e9}+]{0,24}") {
@@ -571,6 +710,24 @@ mod tests {
                 route_key("/items/{id}", &format!("/items/{value}")),
                 route_key("/items/{id}", &format!("/items/{spelled}"))
             );
+        }
+
+        #[test]
+        fn fast_path_keys_equal_step_by_step_keys(path in "[/a.%0-9A-Fa-f~ \u{e9}+#:;]{0,24}") {
+            assert_fast_path_exact(&path);
+        }
+
+        #[test]
+        fn fast_path_keys_equal_step_by_step_keys_any(path in any::<String>()) {
+            assert_fast_path_exact(&path);
+        }
+
+        #[test]
+        fn fast_path_keys_near_the_bound(
+            segments in proptest::collection::vec("[a-z.]{0,3}|[a-z]{60,70}", 0..12)
+        ) {
+            assert_fast_path_exact(&segments.join("/"));
+            assert_fast_path_exact(&format!("/{}", segments.join("/")));
         }
 
         #[test]
