@@ -286,6 +286,16 @@ impl EntityTag {
         }
     }
 
+    /// A strong tag of ASCII `etagc` bytes (what `fresh_etag` generates),
+    /// held as they are, without validating them again.
+    pub(crate) fn strong_from_ascii(bytes: &[u8]) -> Self {
+        debug_assert!(bytes.iter().copied().all(is_ascii_etagc));
+        Self {
+            weak: false,
+            opaque: Opaque::from_ascii(bytes),
+        }
+    }
+
     /// This tag made strong (the same opaque value), without copying it.
     pub(crate) fn to_strong(&self) -> Self {
         Self {

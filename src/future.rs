@@ -33,7 +33,8 @@ use crate::{
     },
     request_body::{BufferableBody, CollectBody},
     response::{
-        into_not_modified, not_modified, remove_validators, set_validators, Early, Problem,
+        into_not_modified, not_modified, remove_validators, set_new_validators, set_validators,
+        Early, Problem,
     },
     store::{Entry, StoreError, Version},
 };
@@ -677,7 +678,7 @@ fn respond_to_write<B, E>(
         // Validators go on 2xx only: a client that keeps the last ETag it saw must not
         // pick up one from a 5xx, whose write may not have happened as it asked.
         Settled::Applied(Some(version)) if success => {
-            set_validators(response.headers_mut(), &version)
+            set_new_validators(response.headers_mut(), &version)
         }
         Settled::LeaseLost if success => {
             return Ok(Problem::lease_lost(ctx.config.retry_after).into_response());

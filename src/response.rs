@@ -36,12 +36,26 @@ const PROBLEM_JSON: HeaderValue = HeaderValue::from_static("application/problem+
 /// identity bodies of one version never share a strong tag; conditions name the
 /// version in either form ([`TagList::strong_match`]).
 pub(crate) fn set_validators(headers: &mut HeaderMap, version: &Version) {
+    set_validators_with(headers, version, etag_value);
+}
+
+/// [`set_validators`] for a version a write just committed: its tag is new, so it is
+/// rendered without the per-thread cache of a tag that comes back.
+pub(crate) fn set_new_validators(headers: &mut HeaderMap, version: &Version) {
+    set_validators_with(headers, version, EntityTag::to_header_value);
+}
+
+fn set_validators_with(
+    headers: &mut HeaderMap,
+    version: &Version,
+    render: fn(&EntityTag) -> HeaderValue,
+) {
     match version
         .etag()
         .for_content_encoding(headers.get_all(header::CONTENT_ENCODING))
     {
         Some(tag) => {
-            headers.insert(header::ETAG, tag.to_header_value());
+            headers.insert(header::ETAG, render(&tag));
         }
         None => {
             // A coding we cannot name: no tag is better than one shared with another body.
@@ -77,7 +91,7 @@ pub(crate) fn set_not_modified_validators(
             if !tag.weak_eq(version.etag()) {
                 ensure_vary(headers, header::ACCEPT_ENCODING);
             }
-            headers.insert(header::ETAG, tag.to_header_value());
+            headers.insert(header::ETAG, etag_value(&tag));
             if let Some(date) = last_modified_value(version) {
                 headers.insert(header::LAST_MODIFIED, date);
             }
@@ -86,7 +100,7 @@ pub(crate) fn set_not_modified_validators(
         None => set_validators(headers, version),
     }
     // A cache applies a 304's headers to the response it stored, which may be identity.
-    headers.remove(header::CONTENT_ENCODING);
+    remove_fields(headers, [header::CONTENT_ENCODING]);
 }
 
 /// Adds `name` to `Vary` unless it (or `*`) is already listed.
@@ -102,6 +116,33 @@ fn ensure_vary(headers: &mut HeaderMap, name: header::HeaderName) {
     if !listed {
         headers.append(header::VARY, HeaderValue::from(name));
     }
+}
+
+/// `tag` as an `ETag` value, shared while the same tag comes back to this thread.
+///
+/// A hot resource is answered with the same tag many times in a row (every `200` and
+/// `304` until it changes), and a shared `HeaderValue` is cloned by a reference count,
+/// where rendering costs an allocation. A value is kept only once its tag comes back a
+/// second time: keeping one costs an allocation too (its bytes become shared), which a
+/// write's new tag, answered once, should not pay.
+fn etag_value(tag: &EntityTag) -> HeaderValue {
+    thread_local! {
+        static LAST: RefCell<Option<(EntityTag, Option<HeaderValue>)>> =
+            const { RefCell::new(None) };
+    }
+    let cached = LAST.try_with(|last| {
+        let mut last = last.borrow_mut();
+        match &mut *last {
+            Some((seen, Some(value))) if seen == tag => value.clone(),
+            Some((seen, kept @ None)) if seen == tag => kept.insert(tag.to_header_value()).clone(),
+            _ => {
+                *last = Some((tag.clone(), None));
+                tag.to_header_value()
+            }
+        }
+    });
+    // No thread-local (the thread is exiting): render without the cache.
+    cached.unwrap_or_else(|_| tag.to_header_value())
 }
 
 /// The `Last-Modified` value of `version`, rendered once per second per thread.
@@ -143,8 +184,24 @@ fn render_http_date(time: SystemTime) -> Option<HeaderValue> {
 
 /// Removes validators a response must not carry when the layer cannot vouch for them.
 pub(crate) fn remove_validators(headers: &mut HeaderMap) {
-    headers.remove(header::ETAG);
-    headers.remove(header::LAST_MODIFIED);
+    remove_fields(headers, [header::ETAG, header::LAST_MODIFIED]);
+}
+
+/// Removes the fields `names` from `headers`. A response has few fields and these are
+/// mostly absent: a look along its field names finds the ones present, so an absent
+/// one costs no hashed lookup (as `HeaderMap::remove` does for each name).
+fn remove_fields<const N: usize>(headers: &mut HeaderMap, names: [header::HeaderName; N]) {
+    /// Past this many field names, the hashed lookups are the cheaper way.
+    const SCAN_UP_TO: usize = 16;
+    if headers.is_empty() {
+        return;
+    }
+    let scan = headers.keys_len() <= SCAN_UP_TO;
+    for name in names {
+        if !scan || headers.keys().any(|present| *present == name) {
+            headers.remove(name);
+        }
+    }
 }
 
 /// `304 Not Modified` with the validators of `version`, answered by the layer itself.
@@ -164,13 +221,14 @@ pub(crate) fn into_not_modified<B>(
 ) -> Response<ResponseBody<B>> {
     let (mut parts, _body) = response.into_parts();
     parts.status = StatusCode::NOT_MODIFIED;
-    for name in [
-        header::CONTENT_LENGTH,
-        header::TRANSFER_ENCODING,
-        header::CONTENT_TYPE,
-    ] {
-        parts.headers.remove(name);
-    }
+    remove_fields(
+        &mut parts.headers,
+        [
+            header::CONTENT_LENGTH,
+            header::TRANSFER_ENCODING,
+            header::CONTENT_TYPE,
+        ],
+    );
     set_not_modified_validators(&mut parts.headers, version, pre);
     Response::from_parts(parts, ResponseBody::not_modified())
 }
@@ -593,6 +651,31 @@ fn push_json_string(out: &mut String, value: &str) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn removed_fields_go_with_every_line_whatever_the_map_holds() {
+        let names = [header::CONTENT_LENGTH, header::ETAG];
+        for others in [0, 3, 16, 40] {
+            let mut headers = HeaderMap::new();
+            for i in 0..others {
+                headers.insert(
+                    header::HeaderName::try_from(format!("x-field-{i}")).unwrap(),
+                    HeaderValue::from_static("1"),
+                );
+            }
+            remove_fields(&mut headers, names.clone());
+            assert_eq!(headers.len(), others, "nothing else goes ({others} others)");
+            headers.append(header::ETAG, HeaderValue::from_static("\"a\""));
+            headers.append(header::ETAG, HeaderValue::from_static("\"b\""));
+            headers.insert(header::CONTENT_LENGTH, HeaderValue::from_static("3"));
+            headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+            remove_fields(&mut headers, names.clone());
+            assert!(!headers.contains_key(header::ETAG), "{others} others");
+            assert!(!headers.contains_key(header::CONTENT_LENGTH));
+            assert!(headers.contains_key(header::CONTENT_TYPE));
+            assert_eq!(headers.len(), others + 1);
+        }
+    }
 
     #[test]
     fn json_escaping() {

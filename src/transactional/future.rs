@@ -40,7 +40,7 @@ use crate::{
     fresh::fresh_etag,
     future::{strong_etag, take_pair},
     request_body::{BufferableBody, CollectBody},
-    response::{remove_validators, set_validators, Early, Problem},
+    response::{remove_validators, set_new_validators, Early, Problem},
     store::Version,
 };
 
@@ -320,7 +320,7 @@ async fn finish_write<B, E>(mut ctx: WriteCtx, result: Result<Response<B>, E>) -
     match owner.commit(&ctx.config, key, &fin).await {
         Committed::Yes => {
             match &fin {
-                Final::Write(version) => set_validators(response.headers_mut(), version),
+                Final::Write(version) => set_new_validators(response.headers_mut(), version),
                 Final::Delete => remove_validators(response.headers_mut()),
             }
             tracing::debug!(key, "write committed");
