@@ -65,7 +65,7 @@ pin_project! {
         Ready { response: Option<Response<ResponseBody<ResBody>>> },
         Passthrough { #[pin] future: S::Future },
         Loading {
-            load: Load,
+            load: BoxFuture<Result<Result<ReadStart, StoreError>, Early>>,
             inner: Option<S>,
             request: Option<Request<ReqBody>>,
         },
@@ -91,13 +91,6 @@ pin_project! {
         },
         Finishing { finish: BoxFuture<Output<ResBody, S::Error>> },
     }
-}
-
-/// A read's store step: already answered (a store in the process, no access check),
-/// or a future to await.
-pub(crate) enum Load {
-    Ready(Option<Result<ReadStart, StoreError>>),
-    Pending(BoxFuture<Result<Result<ReadStart, StoreError>, Early>>),
 }
 
 /// What a request of ours carries from one state to the next.
@@ -146,8 +139,38 @@ where
         )
     }
 
+    /// A read whose store step was answered at once (a store in the process, no
+    /// access check): the handler runs, or the layer answers, from here.
+    pub(crate) fn read_loaded(
+        loaded: Result<ReadStart, StoreError>,
+        mut inner: S,
+        request: Request<ReqBody>,
+        config: Arc<Config>,
+        key: Arc<str>,
+        method: Method,
+        pre: Preconditions,
+    ) -> Self {
+        let ctx = Ctx {
+            config,
+            key,
+            method,
+            pre,
+        };
+        let state = match read_step(&ctx, loaded) {
+            ReadStep::Run(read) => State::Reading {
+                future: inner.call(request),
+                read: Some(read),
+            },
+            ReadStep::Answer(response) => State::Ready {
+                response: Some(response),
+            },
+        };
+        Self::with_state(state, Some(ctx))
+    }
+
+    /// A read whose store step (with the access check before it) is still to await.
     pub(crate) fn read(
-        load: Load,
+        load: BoxFuture<Result<Result<ReadStart, StoreError>, Early>>,
         inner: S,
         request: Request<ReqBody>,
         config: Arc<Config>,
@@ -255,17 +278,14 @@ where
                     inner,
                     request,
                 } => {
-                    let loaded = match load {
-                        Load::Ready(loaded) => loaded.take().expect("a read loads once"),
-                        Load::Pending(load) => match ready!(load.as_mut().poll(cx)) {
-                            Ok(loaded) => loaded,
-                            Err(early) => {
-                                this.state.set(State::Ready {
-                                    response: Some(early.into_response()),
-                                });
-                                continue;
-                            }
-                        },
+                    let loaded = match ready!(load.as_mut().poll(cx)) {
+                        Ok(loaded) => loaded,
+                        Err(early) => {
+                            this.state.set(State::Ready {
+                                response: Some(early.into_response()),
+                            });
+                            continue;
+                        }
                     };
                     let ctx = this.ctx.as_ref().expect("read context");
                     let (mut inner, request) = take_pair(inner, request);

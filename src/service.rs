@@ -12,7 +12,7 @@ use crate::{
     access,
     admission::{admit, Admission},
     body::ResponseBody,
-    future::{Load, ResponseFuture},
+    future::ResponseFuture,
     layer::Config,
     protocol,
     request_body::{BufferableBody, WatchFlag},
@@ -100,18 +100,22 @@ where
         let inner = std::mem::replace(&mut self.inner, clone);
         let config = self.config.clone();
         if read {
-            let load = match protocol::read_start_now(&config, &key, &check) {
-                Some(start) => Load::Ready(Some(start)),
-                None => {
-                    let config = config.clone();
-                    let key = key.clone();
-                    Load::Pending(Box::pin(async move {
-                        access::passed(check).await?;
-                        Ok(protocol::load_for_read(&config, &key).await)
-                    }))
+            match protocol::read_start_now(&config, &key, &check) {
+                Some(loaded) => {
+                    ResponseFuture::read_loaded(loaded, inner, request, config, key, method, pre)
                 }
-            };
-            ResponseFuture::read(load, inner, request, config, key, method, pre)
+                None => {
+                    let load = {
+                        let config = config.clone();
+                        let key = key.clone();
+                        Box::pin(async move {
+                            access::passed(check).await?;
+                            Ok(protocol::load_for_read(&config, &key).await)
+                        })
+                    };
+                    ResponseFuture::read(load, inner, request, config, key, method, pre)
+                }
+            }
         } else if check.is_none() && !config.request_body.is_streaming() {
             let (parts, body) = request.into_parts();
             let body = config.request_body.collect(&parts.headers, body);
