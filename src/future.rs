@@ -86,7 +86,9 @@ pin_project! {
         },
         Writing {
             #[pin] future: S::Future,
-            #[pin] deadline: Sleep,
+            // The guard's deadline, armed the first time the handler is not done: a
+            // handler that answers at once costs no timer.
+            #[pin] deadline: Option<Sleep>,
             guard: Option<WriteGuard>,
         },
         Finishing { finish: BoxFuture<Output<ResBody, S::Error>> },
@@ -99,6 +101,18 @@ struct Ctx {
     key: Arc<str>,
     method: Method,
     pre: Preconditions,
+}
+
+impl Ctx {
+    /// The context of a write past its reserve, which consumed the preconditions.
+    fn of_write(config: Arc<Config>, key: Arc<str>, method: Method) -> Self {
+        Self {
+            config,
+            key,
+            method,
+            pre: Preconditions::default(),
+        }
+    }
 }
 
 /// What the read path learned from the store before running the handler.
@@ -236,15 +250,7 @@ where
         };
         // The preconditions were evaluated by the reserve, which owns them; nothing
         // after it reads them.
-        Self::with_state(
-            state,
-            Some(Ctx {
-                config,
-                key,
-                method,
-                pre: Preconditions::default(),
-            }),
-        )
+        Self::with_state(state, Some(Ctx::of_write(config, key, method)))
     }
 }
 
@@ -338,24 +344,30 @@ where
                     };
                     let parts = parts.take().expect("request head taken once");
                     let request = Request::from_parts(parts, ReqBody::from_bytes(bytes));
-                    let ctx = this.ctx.as_mut().expect("write context");
-                    // The reserve owns the preconditions from here on; nothing after it
-                    // reads them.
-                    let pre = std::mem::take(&mut ctx.pre);
-                    let mut reserve =
-                        Reserve::new(ctx.config.clone(), ctx.key.clone(), ctx.method.clone(), pre);
+                    // The reserve takes the context over (the preconditions for good:
+                    // nothing after it reads them) and hands it back when it is done.
+                    let ctx = this.ctx.take().expect("write context");
+                    let mut reserve = Reserve::new(ctx.config, ctx.key, ctx.method, ctx.pre);
                     match reserve.run_now(ReserveStep::ReadClock) {
-                        ReserveStep::Done(Ok(())) => {
-                            start_write(inner, request, reserve.into_guard())
+                        ReserveStep::Done(result) => {
+                            let (config, key, method, reserved) = reserve.finish(result);
+                            *this.ctx = Some(Ctx::of_write(config, key, method));
+                            match reserved {
+                                Ok(guard) => start_write(inner, request, guard),
+                                Err(problem) => State::Ready {
+                                    response: Some(problem.into_response()),
+                                },
+                            }
                         }
-                        ReserveStep::Done(Err(problem)) => State::Ready {
-                            response: Some(problem.into_response()),
-                        },
-                        step => State::Reserving {
-                            reserve: Box::pin(reserve.run(step)),
-                            request: Some(request),
-                            inner: inner.take(),
-                        },
+                        step => {
+                            let (config, key, method) = reserve.shared_parts();
+                            *this.ctx = Some(Ctx::of_write(config, key, method));
+                            State::Reserving {
+                                reserve: Box::pin(reserve.run(step)),
+                                request: Some(request),
+                                inner: inner.take(),
+                            }
+                        }
                     }
                 }
                 StateProj::Reserving {
@@ -373,13 +385,27 @@ where
                 },
                 StateProj::Writing {
                     future,
-                    deadline,
+                    mut deadline,
                     guard,
                 } => {
                     let result = match future.poll(cx) {
                         Poll::Ready(result) => Some(result),
-                        Poll::Pending if deadline.poll(cx).is_pending() => return Poll::Pending,
-                        Poll::Pending => None,
+                        Poll::Pending => {
+                            if deadline.is_none() {
+                                // Judged by the store's clock, so that no host's clock
+                                // can push the handler past its lease.
+                                let at = guard.as_ref().expect("write guard").deadline();
+                                deadline.set(Some(tokio::time::sleep_until(at)));
+                            }
+                            let expired = deadline
+                                .as_mut()
+                                .as_pin_mut()
+                                .is_some_and(|deadline| deadline.poll(cx).is_ready());
+                            if !expired {
+                                return Poll::Pending;
+                            }
+                            None
+                        }
                     };
                     let ctx = this.ctx.take().expect("write context");
                     let guard = guard.take().expect("write guard");
@@ -419,14 +445,11 @@ where
     ReqBody: BufferableBody,
 {
     let mut inner = inner.take().expect("inner service taken once");
-    // Judged by the store's clock, so that no host's clock can push the handler past
-    // its lease.
-    let deadline = guard.deadline();
     request.extensions_mut().insert(guard.reservation());
     guard.handler_started();
     State::Writing {
         future: inner.call(request),
-        deadline: tokio::time::sleep_until(deadline),
+        deadline: None,
         guard: Some(guard),
     }
 }

@@ -642,6 +642,26 @@ impl Reserve {
             .expect("a finished reserve holds its lease")
     }
 
+    /// What the reserve was made of, handed back once it finished with `result`, and
+    /// its guard if it reserved: the response future keeps the settings, key and method
+    /// for the rest of the write, so they are moved in and out rather than shared.
+    pub(crate) fn finish(
+        mut self,
+        result: Result<(), Problem>,
+    ) -> (Arc<Config>, Arc<str>, Method, Result<WriteGuard, Problem>) {
+        let result = result.map(|()| {
+            self.lease
+                .take()
+                .expect("a finished reserve holds its lease")
+        });
+        (self.config, self.key, self.method, result)
+    }
+
+    /// The settings, key and method, shared, for a reserve that goes on elsewhere.
+    pub(crate) fn shared_parts(&self) -> (Arc<Config>, Arc<str>, Method) {
+        (self.config.clone(), self.key.clone(), self.method.clone())
+    }
+
     /// Takes the steps the store answers at once, and returns the first it does not
     /// (or [`ReserveStep::Done`]).
     pub(crate) fn run_now(&mut self, mut step: ReserveStep) -> ReserveStep {
