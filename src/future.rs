@@ -2,14 +2,20 @@
 //! inner service.
 //!
 //! ```text
-//! read:   Loading (takeover, seed) ──> Reading ──> (Finishing: undo a seed, adopt a tag) ──> response
-//! write:  Preparing (access, body, reserve) ──> Writing (with deadline) ──> Finishing (settle) ──> response
+//! read:   [answered at once in `call`] ──────────────┐
+//!         Loading (access, takeover, seed) ──> Reading ──> (Finishing: undo a seed, adopt a tag) ──> response
+//! write:  Collecting (body) ──> [reserve at once] ──────────┐
+//!                           └─> Reserving (awaited) ──> Writing (deadline) ──> (Finishing: settle) ──> response
+//!         Preparing (access or a streamed body, body, reserve) ──┘
 //! either: Ready (a response the layer wrote) | Passthrough (not ours to version)
 //! ```
 //!
-//! Store steps are boxed futures (they are `async_trait` calls anyway); the inner
-//! service's future is pinned in place. A write's lease is owned by a `WriteGuard`
-//! that settles itself if this future is dropped (a client that disconnects mid-write).
+//! A store that answers at once (the memory store) takes no boxed future on the common
+//! paths: the read's load runs in `call`, the write's reserve and settle in `poll`. A
+//! store step that has to be awaited is a boxed future (store calls are `async_trait`
+//! calls anyway); the inner service's future is pinned in place. A write's lease is
+//! owned by a `WriteGuard` that settles itself if this future is dropped (a client that
+//! disconnects mid-write).
 
 use std::{
     future::Future,
@@ -96,7 +102,7 @@ pin_project! {
 }
 
 /// What a request of ours carries from one state to the next.
-struct Ctx {
+pub(crate) struct Ctx {
     config: Arc<Config>,
     key: Arc<str>,
     method: Method,
@@ -104,8 +110,22 @@ struct Ctx {
 }
 
 impl Ctx {
-    /// The context of a write past its reserve, which consumed the preconditions.
-    fn of_write(config: Arc<Config>, key: Arc<str>, method: Method) -> Self {
+    pub(crate) fn new(
+        config: Arc<Config>,
+        key: Arc<str>,
+        method: Method,
+        pre: Preconditions,
+    ) -> Self {
+        Self {
+            config,
+            key,
+            method,
+            pre,
+        }
+    }
+
+    /// The context of a write whose reserve took the preconditions.
+    pub(crate) fn of_write(config: Arc<Config>, key: Arc<str>, method: Method) -> Self {
         Self {
             config,
             key,
@@ -159,17 +179,8 @@ where
         loaded: Result<ReadStart, StoreError>,
         mut inner: S,
         request: Request<ReqBody>,
-        config: Arc<Config>,
-        key: Arc<str>,
-        method: Method,
-        pre: Preconditions,
+        ctx: Ctx,
     ) -> Self {
-        let ctx = Ctx {
-            config,
-            key,
-            method,
-            pre,
-        };
         let state = match read_step(&ctx, loaded) {
             ReadStep::Run(read) => State::Reading {
                 future: inner.call(request),
@@ -187,25 +198,14 @@ where
         load: BoxFuture<Result<Result<ReadStart, StoreError>, Early>>,
         inner: S,
         request: Request<ReqBody>,
-        config: Arc<Config>,
-        key: Arc<str>,
-        method: Method,
-        pre: Preconditions,
+        ctx: Ctx,
     ) -> Self {
         let state = State::Loading {
             load,
             inner: Some(inner),
             request: Some(request),
         };
-        Self::with_state(
-            state,
-            Some(Ctx {
-                config,
-                key,
-                method,
-                pre,
-            }),
-        )
+        Self::with_state(state, Some(ctx))
     }
 
     /// A write with no access check and a buffered body: the body is collected and the
@@ -214,43 +214,29 @@ where
         body: CollectBody<ReqBody>,
         parts: Parts,
         inner: S,
-        config: Arc<Config>,
-        key: Arc<str>,
-        method: Method,
-        pre: Preconditions,
+        ctx: Ctx,
     ) -> Self {
         let state = State::Collecting {
             body,
             parts: Some(parts),
             inner: Some(inner),
         };
-        Self::with_state(
-            state,
-            Some(Ctx {
-                config,
-                key,
-                method,
-                pre,
-            }),
-        )
+        Self::with_state(state, Some(ctx))
     }
 
     /// A write: `prepare` (the access check, the request body, the reserve) hands back
-    /// the request to run and its reservation.
+    /// the request to run and its reservation. The preconditions were evaluated by the
+    /// reserve, which owns them: `ctx` is [`Ctx::of_write`].
     pub(crate) fn write(
         prepare: BoxFuture<Result<(Request<ReqBody>, WriteGuard), Early>>,
         inner: S,
-        config: Arc<Config>,
-        key: Arc<str>,
-        method: Method,
+        ctx: Ctx,
     ) -> Self {
         let state = State::Preparing {
             prepare,
             inner: Some(inner),
         };
-        // The preconditions were evaluated by the reserve, which owns them; nothing
-        // after it reads them.
-        Self::with_state(state, Some(Ctx::of_write(config, key, method)))
+        Self::with_state(state, Some(ctx))
     }
 }
 

@@ -12,7 +12,7 @@ use crate::{
     access,
     admission::{admit, Admission},
     body::ResponseBody,
-    future::ResponseFuture,
+    future::{Ctx, ResponseFuture},
     layer::Config,
     protocol,
     request_body::{BufferableBody, WatchFlag},
@@ -102,7 +102,8 @@ where
         if read {
             match protocol::read_start_now(&config, &key, &check) {
                 Some(loaded) => {
-                    ResponseFuture::read_loaded(loaded, inner, request, config, key, method, pre)
+                    let ctx = Ctx::new(config, key, method, pre);
+                    ResponseFuture::read_loaded(loaded, inner, request, ctx)
                 }
                 None => {
                     let load = {
@@ -113,13 +114,15 @@ where
                             Ok(protocol::load_for_read(&config, &key).await)
                         })
                     };
-                    ResponseFuture::read(load, inner, request, config, key, method, pre)
+                    let ctx = Ctx::new(config, key, method, pre);
+                    ResponseFuture::read(load, inner, request, ctx)
                 }
             }
         } else if check.is_none() && !config.request_body.is_streaming() {
             let (parts, body) = request.into_parts();
             let body = config.request_body.collect(&parts.headers, body);
-            ResponseFuture::collect_and_write(body, parts, inner, config, key, method, pre)
+            let ctx = Ctx::new(config, key, method, pre);
+            ResponseFuture::collect_and_write(body, parts, inner, ctx)
         } else {
             let prepare = {
                 let config = config.clone();
@@ -151,7 +154,7 @@ where
                     Ok((request, guard))
                 }
             };
-            ResponseFuture::write(Box::pin(prepare), inner, config, key, method)
+            ResponseFuture::write(Box::pin(prepare), inner, Ctx::of_write(config, key, method))
         }
     }
 }
