@@ -1,6 +1,11 @@
 //! The in-process store: a sharded map, the default backend.
 
-use std::{hash::BuildHasher, time::Instant};
+use std::{
+    cell::RefCell,
+    hash::BuildHasher,
+    sync::atomic::{AtomicU64, Ordering},
+    time::Instant,
+};
 
 use hashbrown::HashTable;
 
@@ -49,6 +54,8 @@ type Shard = Mutex<Table>;
 pub struct MemoryStore {
     shards: Box<[Shard]>,
     hasher: RandomState,
+    /// Tells this store's hashes apart from another's in [`LAST_HASH`].
+    id: u64,
     per_shard: usize,
     origin: Instant,
 }
@@ -96,6 +103,7 @@ impl MemoryStore {
         Self {
             shards: (0..shards).map(|_| Mutex::default()).collect(),
             hasher: RandomState::default(),
+            id: NEXT_STORE_ID.fetch_add(1, Ordering::Relaxed),
             per_shard: (capacity / shards).max(1),
             origin: Instant::now(),
         }
@@ -123,14 +131,49 @@ impl MemoryStore {
 
     /// The key's hash and its shard, locked.
     fn shard(&self, key: &str) -> (u64, MutexGuard<'_, Table>) {
-        let hash = self.hasher.hash_one(key);
+        let hash = self.hash_key(key);
         let index = shard_index(hash, self.shards.len());
         (hash, lock(&self.shards[index]))
+    }
+
+    /// The hash of `key`, from [`LAST_HASH`] when this thread hashed the same key for
+    /// this store last: a write looks its key up three times in a row (load, reserve,
+    /// settle), and SipHash is about half of a lookup. The key is compared in full, so
+    /// the hash is always the one `hash_one` gives.
+    fn hash_key(&self, key: &str) -> u64 {
+        if key.len() > REMEMBERED_KEY_MAX {
+            return self.hasher.hash_one(key);
+        }
+        let remembered = LAST_HASH.try_with(|last| {
+            let mut last = last.borrow_mut();
+            let (store, last_key, hash) = &mut *last;
+            if *store != self.id || last_key != key {
+                *hash = self.hasher.hash_one(key);
+                *store = self.id;
+                last_key.clear();
+                last_key.push_str(key);
+            }
+            *hash
+        });
+        // No thread-local (the thread is exiting): hash it.
+        remembered.unwrap_or_else(|_| self.hasher.hash_one(key))
     }
 
     fn rehash(&self) -> impl Fn(&(Box<str>, Entry)) -> u64 + '_ {
         |(key, _)| self.hasher.hash_one(&**key)
     }
+}
+
+/// The longest key [`LAST_HASH`] keeps: the longest a layer stores as it is.
+const REMEMBERED_KEY_MAX: usize = crate::key::MAX_KEY_LEN;
+
+/// Store ids start at 1: 0 is the id [`LAST_HASH`] starts with, which no store has.
+static NEXT_STORE_ID: AtomicU64 = AtomicU64::new(1);
+
+thread_local! {
+    /// The last key this thread hashed, for which store, and its hash. The key's buffer
+    /// is reused, and holds at most [`REMEMBERED_KEY_MAX`] bytes.
+    static LAST_HASH: RefCell<(u64, String, u64)> = const { RefCell::new((0, String::new(), 0)) };
 }
 
 /// Locks a shard. A panic while holding the lock cannot leave a half-written entry
@@ -256,6 +299,52 @@ mod tests {
 
     fn entry(tag: &str) -> Entry {
         Entry::committed(Version::new(EntityTag::strong(tag).unwrap(), SystemTime::now()).unwrap())
+    }
+
+    #[test]
+    fn a_remembered_hash_is_never_another_keys_or_another_stores() {
+        // Two stores (each its own hasher) and keys that interleave, repeat, differ in
+        // one byte or only in length, and run past what is remembered: every load must
+        // find exactly what this store last stored under that key.
+        let stores = [
+            MemoryStore::with_shards_and_capacity(8, 1024),
+            MemoryStore::with_shards_and_capacity(8, 1024),
+        ];
+        let long = "/x".repeat(REMEMBERED_KEY_MAX);
+        let keys = [
+            "/a",
+            "/a",
+            "/b",
+            "/a/",
+            "/a",
+            "",
+            long.as_str(),
+            "/b",
+            long.as_str(),
+        ];
+        let mut model = std::collections::HashMap::new();
+        for round in 0..3 {
+            for (i, key) in keys.iter().enumerate() {
+                let which = (i + round) % 2;
+                let store = &stores[which];
+                let expected = model.get(&(which, *key)).cloned();
+                assert_eq!(
+                    store.get(key).unwrap(),
+                    expected,
+                    "store {which}, key {key:?}"
+                );
+                let new = entry(&format!("r{round}i{i}"));
+                let outcome = store.swap(key, expected.as_ref(), Some(&new)).unwrap();
+                assert!(
+                    matches!(outcome, CasOutcome::Applied),
+                    "store {which}, key {key:?}"
+                );
+                model.insert((which, *key), new);
+            }
+        }
+        for ((which, key), entry) in &model {
+            assert_eq!(stores[*which].get(key).unwrap().as_ref(), Some(entry));
+        }
     }
 
     #[tokio::test]
