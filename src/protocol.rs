@@ -637,9 +637,22 @@ impl Reserve {
 
     /// The guard of a reserve that finished with `Done(Ok(()))`.
     pub(crate) fn into_guard(mut self) -> WriteGuard {
+        self.take_guard()
+    }
+
+    fn take_guard(&mut self) -> WriteGuard {
         self.lease
             .take()
             .expect("a finished reserve holds its lease")
+    }
+
+    /// The entry our lease step puts in place.
+    fn reserved(&self) -> &Entry {
+        &self
+            .lease
+            .as_ref()
+            .expect("a lease step holds its lease")
+            .reserved
     }
 
     /// What the reserve was made of, handed back once it finished with `result`, and
@@ -649,11 +662,7 @@ impl Reserve {
         mut self,
         result: Result<(), Problem>,
     ) -> (Arc<Config>, Arc<str>, Method, Result<WriteGuard, Problem>) {
-        let result = result.map(|()| {
-            self.lease
-                .take()
-                .expect("a finished reserve holds its lease")
-        });
+        let result = result.map(|()| self.take_guard());
         (self.config, self.key, self.method, result)
     }
 
@@ -687,13 +696,7 @@ impl Reserve {
                     }
                 }
                 ReserveStep::Lease => {
-                    let reserved = Some(
-                        &self
-                            .lease
-                            .as_ref()
-                            .expect("a lease step holds its lease")
-                            .reserved,
-                    );
+                    let reserved = Some(self.reserved());
                     match store.compare_and_set_now(&self.key, self.current.as_ref(), reserved) {
                         Some(outcome) => self.lease_answered(outcome),
                         None => return ReserveStep::Lease,
@@ -731,13 +734,7 @@ impl Reserve {
                     self.clear_answered(cleared, base, outcome)
                 }
                 ReserveStep::Lease => {
-                    let reserved = Some(
-                        &self
-                            .lease
-                            .as_ref()
-                            .expect("a lease step holds its lease")
-                            .reserved,
-                    );
+                    let reserved = Some(self.reserved());
                     let outcome =
                         swap_entry(store, timeout, &self.key, self.current.as_ref(), reserved)
                             .await;
