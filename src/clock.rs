@@ -36,6 +36,11 @@ struct Sample {
 }
 
 impl Sample {
+    /// Whether the sample is old enough at `at` that a request should refresh it.
+    fn is_stale_at(&self, at: Instant) -> bool {
+        at.saturating_duration_since(self.received) >= REFRESH_AFTER
+    }
+
     fn lower_bound_at(&self, at: Instant) -> u64 {
         let elapsed = at.saturating_duration_since(self.received);
         self.store_millis.saturating_add(millis(elapsed))
@@ -61,7 +66,7 @@ impl StoreClock {
     /// sample yet, or when the sample is stale and no other request is refreshing it.
     pub(crate) fn now_if_fresh(&self) -> Option<StoreNow> {
         let sample = self.current()?;
-        let stale = Instant::now().saturating_duration_since(sample.received) >= REFRESH_AFTER;
+        let stale = sample.is_stale_at(Instant::now());
         (!stale || self.refreshing.load(Ordering::Acquire)).then_some(StoreNow { sample })
     }
 
@@ -75,7 +80,7 @@ impl StoreClock {
     ) -> Result<StoreNow, StoreError> {
         let now = Instant::now();
         if let Some(sample) = self.current() {
-            let stale = now.saturating_duration_since(sample.received) >= REFRESH_AFTER;
+            let stale = sample.is_stale_at(now);
             if !stale || self.refreshing.swap(true, Ordering::AcqRel) {
                 return Ok(StoreNow { sample });
             }

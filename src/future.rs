@@ -4,9 +4,8 @@
 //! ```text
 //! read:   [answered at once in `call`] ──────────────┐
 //!         Loading (access, takeover, seed) ──> Reading ──> (Finishing: undo a seed, adopt a tag) ──> response
-//! write:  Collecting (body) ──> [reserve at once] ──────────┐
-//!                           └─> Reserving (awaited) ──> Writing (deadline) ──> (Finishing: settle) ──> response
-//!         Preparing (access or a streamed body, body, reserve) ──┘
+//! write:  (Checking: access) ──> Collecting (body, unless streamed) ──> [reserve at once] ──┐
+//!                                                         └─> Reserving (awaited) ──> Writing (deadline) ──> (Finishing: settle) ──> response
 //! either: Ready (a response the layer wrote) | Passthrough (not ours to version)
 //! ```
 //!
@@ -30,6 +29,7 @@ use tokio::time::Sleep;
 use tower_service::Service;
 
 use crate::{
+    access::AccessFuture,
     body::ResponseBody,
     etag::EntityTag,
     evaluate::{evaluate, Decision, Preconditions},
@@ -37,7 +37,7 @@ use crate::{
     protocol::{
         self, PendingSeed, ReadStart, Reserve, ReserveStep, Settled, Settlement, WriteGuard,
     },
-    request_body::{BufferableBody, CollectBody},
+    request_body::{BufferableBody, CollectBody, WatchFlag},
     response::{
         into_not_modified, not_modified, remove_validators, set_new_validators, set_validators,
         Early, Problem,
@@ -76,8 +76,9 @@ pin_project! {
             request: Option<Request<ReqBody>>,
         },
         Reading { #[pin] future: S::Future, read: Option<ReadState> },
-        Preparing {
-            prepare: BoxFuture<Result<(Request<ReqBody>, WriteGuard), Early>>,
+        Checking {
+            check: AccessFuture,
+            request: Option<Request<ReqBody>>,
             inner: Option<S>,
         },
         Collecting {
@@ -89,6 +90,7 @@ pin_project! {
             reserve: BoxFuture<Result<WriteGuard, Problem>>,
             request: Option<Request<ReqBody>>,
             inner: Option<S>,
+            watch: Option<WatchFlag>,
         },
         Writing {
             #[pin] future: S::Future,
@@ -208,35 +210,27 @@ where
         Self::with_state(state, Some(ctx))
     }
 
-    /// A write with no access check and a buffered body: the body is collected and the
-    /// write reserved in place, without a boxed future while the store answers at once.
-    pub(crate) fn collect_and_write(
-        body: CollectBody<ReqBody>,
-        parts: Parts,
-        inner: S,
-        ctx: Ctx,
-    ) -> Self {
-        let state = State::Collecting {
-            body,
-            parts: Some(parts),
-            inner: Some(inner),
-        };
-        Self::with_state(state, Some(ctx))
-    }
-
-    /// A write: `prepare` (the access check, the request body, the reserve) hands back
-    /// the request to run and its reservation. The preconditions were evaluated by the
-    /// reserve, which owns them: `ctx` is [`Ctx::of_write`].
+    /// A write: the access check if the layer has one, the body (unless streamed),
+    /// the reserve, the handler, the settle. Without a boxed future while the store
+    /// answers at once.
+    // Inlined: it returns the whole future, which a call would copy once more.
+    #[inline(always)]
     pub(crate) fn write(
-        prepare: BoxFuture<Result<(Request<ReqBody>, WriteGuard), Early>>,
+        request: Request<ReqBody>,
+        check: Option<AccessFuture>,
         inner: S,
-        ctx: Ctx,
+        mut ctx: Option<Ctx>,
     ) -> Self {
-        let state = State::Preparing {
-            prepare,
-            inner: Some(inner),
+        let mut inner = Some(inner);
+        let state = match check {
+            Some(check) => State::Checking {
+                check,
+                request: Some(request),
+                inner,
+            },
+            None => admitted_write(&mut ctx, &mut inner, request),
         };
-        Self::with_state(state, Some(ctx))
+        Self::with_state(state, ctx)
     }
 }
 
@@ -310,14 +304,19 @@ where
                     }
                 }
 
-                StateProj::Preparing { prepare, inner } => {
-                    match ready!(prepare.as_mut().poll(cx)) {
-                        Ok((request, guard)) => start_write(inner, request, guard),
-                        Err(early) => State::Ready {
-                            response: Some(early.into_response()),
-                        },
+                StateProj::Checking {
+                    check,
+                    request,
+                    inner,
+                } => match ready!(check.as_mut().poll(cx)) {
+                    Ok(()) => {
+                        let request = request.take().expect("request taken once");
+                        admitted_write(this.ctx, inner, request)
                     }
-                }
+                    Err(refusal) => State::Ready {
+                        response: Some(Early::Refused(refusal).into_response()),
+                    },
+                },
                 StateProj::Collecting { body, parts, inner } => {
                     let bytes = match ready!(body.poll(cx)) {
                         Ok(bytes) => bytes,
@@ -330,40 +329,17 @@ where
                     };
                     let parts = parts.take().expect("request head taken once");
                     let request = Request::from_parts(parts, ReqBody::from_bytes(bytes));
-                    // The reserve takes the context over (the preconditions for good:
-                    // nothing after it reads them) and hands it back when it is done.
-                    let ctx = this.ctx.take().expect("write context");
-                    let mut reserve = Reserve::new(ctx.config, ctx.key, ctx.method, ctx.pre);
-                    match reserve.run_now(ReserveStep::ReadClock) {
-                        ReserveStep::Done(result) => {
-                            let (config, key, method, reserved) = reserve.finish(result);
-                            *this.ctx = Some(Ctx::of_write(config, key, method));
-                            match reserved {
-                                Ok(guard) => start_write(inner, request, guard),
-                                Err(problem) => State::Ready {
-                                    response: Some(problem.into_response()),
-                                },
-                            }
-                        }
-                        step => {
-                            let (config, key, method) = reserve.shared_parts();
-                            *this.ctx = Some(Ctx::of_write(config, key, method));
-                            State::Reserving {
-                                reserve: Box::pin(reserve.run(step)),
-                                request: Some(request),
-                                inner: inner.take(),
-                            }
-                        }
-                    }
+                    reserve_write(this.ctx, inner, request, None)
                 }
                 StateProj::Reserving {
                     reserve,
                     request,
                     inner,
+                    watch,
                 } => match ready!(reserve.as_mut().poll(cx)) {
                     Ok(guard) => {
                         let request = request.take().expect("request taken once");
-                        start_write(inner, request, guard)
+                        start_write(inner, request, guard, watch.take())
                     }
                     Err(problem) => State::Ready {
                         response: Some(problem.into_response()),
@@ -420,17 +396,94 @@ where
     }
 }
 
+/// A write the application let through: its body is read in full first, unless it is
+/// streamed. The lease is taken once the body is in hand: a client that stalls its
+/// upload holds nothing that other writers wait for, and a body cut off mid-upload is
+/// refused before anything changes.
+// Inlined: it returns the whole state, which a call would copy once more.
+#[inline(always)]
+fn admitted_write<S, ReqBody, ResBody>(
+    ctx: &mut Option<Ctx>,
+    inner: &mut Option<S>,
+    request: Request<ReqBody>,
+) -> State<S, ReqBody, ResBody>
+where
+    S: Service<Request<ReqBody>, Response = Response<ResBody>>,
+    ReqBody: BufferableBody,
+{
+    let body_config = &ctx.as_ref().expect("write context").config.request_body;
+    if body_config.is_streaming() {
+        // Streamed: the handler reads it; a failure mid-read makes the outcome unknown,
+        // whatever the handler answers.
+        let flag = WatchFlag::default();
+        let request = request.map(|body| ReqBody::watched(body, flag.clone()));
+        return reserve_write(ctx, inner, request, Some(flag));
+    }
+    let (parts, body) = request.into_parts();
+    State::Collecting {
+        body: body_config.collect(&parts.headers, body),
+        parts: Some(parts),
+        inner: inner.take(),
+    }
+}
+
+/// Reserves a write whose request is ready to run: at once while the store answers at
+/// once, in a boxed future from the step where it stops.
+// Inlined: it returns the whole state, which a call would copy once more.
+#[inline(always)]
+fn reserve_write<S, ReqBody, ResBody>(
+    ctx_slot: &mut Option<Ctx>,
+    inner: &mut Option<S>,
+    request: Request<ReqBody>,
+    watch: Option<WatchFlag>,
+) -> State<S, ReqBody, ResBody>
+where
+    S: Service<Request<ReqBody>, Response = Response<ResBody>>,
+    ReqBody: BufferableBody,
+{
+    // The reserve takes the context over (the preconditions for good: nothing after it
+    // reads them) and hands it back when it is done.
+    let ctx = ctx_slot.take().expect("write context");
+    let mut reserve = Reserve::new(ctx.config, ctx.key, ctx.method, ctx.pre);
+    match reserve.run_now(ReserveStep::ReadClock) {
+        ReserveStep::Done(result) => {
+            let (config, key, method, reserved) = reserve.finish(result);
+            *ctx_slot = Some(Ctx::of_write(config, key, method));
+            match reserved {
+                Ok(guard) => start_write(inner, request, guard, watch),
+                Err(problem) => State::Ready {
+                    response: Some(problem.into_response()),
+                },
+            }
+        }
+        step => {
+            let (config, key, method) = reserve.shared_parts();
+            *ctx_slot = Some(Ctx::of_write(config, key, method));
+            State::Reserving {
+                reserve: Box::pin(reserve.run(step)),
+                request: Some(request),
+                inner: inner.take(),
+                watch,
+            }
+        }
+    }
+}
+
 /// Runs the handler of a reserved write, under its deadline.
+// Inlined: it returns the whole state, which a call would copy once more.
+#[inline(always)]
 fn start_write<S, ReqBody, ResBody>(
     inner: &mut Option<S>,
     mut request: Request<ReqBody>,
     mut guard: WriteGuard,
+    watch: Option<WatchFlag>,
 ) -> State<S, ReqBody, ResBody>
 where
     S: Service<Request<ReqBody>, Response = Response<ResBody>>,
     ReqBody: BufferableBody,
 {
     let mut inner = inner.take().expect("inner service taken once");
+    guard.watch_body(watch);
     request.extensions_mut().insert(guard.reservation());
     guard.handler_started();
     State::Writing {

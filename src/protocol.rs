@@ -562,21 +562,6 @@ fn unknown_outcome_base(version: Option<&Version>) -> Option<Version> {
         .map(|v| v.with_seeded(version.is_seeded()))
 }
 
-/// Reserve: evaluate the preconditions against the current entry and, in the same
-/// compare-and-set, put our lease on it.
-pub(crate) async fn reserve(
-    config: Arc<Config>,
-    key: Arc<str>,
-    method: Method,
-    pre: Preconditions,
-) -> Result<WriteGuard, Problem> {
-    let mut reserve = Reserve::new(config, key, method, pre);
-    match reserve.run_now(ReserveStep::ReadClock) {
-        ReserveStep::Done(result) => result.map(|()| reserve.into_guard()),
-        step => reserve.run(step).await,
-    }
-}
-
 /// The reserve as a machine that asks for one store call at a time: the same decisions
 /// whether the calls are answered at once ([`run_now`](Self::run_now), no future, for a
 /// store in the process) or awaited ([`run`](Self::run)), and a reserve that began at
@@ -611,7 +596,7 @@ pub(crate) enum ReserveStep {
     },
     /// Put our lease on the entry (expecting `current`).
     Lease,
-    /// Finished: reserved (the guard is [`Reserve::into_guard`]), or refused.
+    /// Finished: reserved (the guard is handed out by [`Reserve::finish`]), or refused.
     Done(Result<(), Problem>),
 }
 
@@ -1377,6 +1362,21 @@ mod loom_tests {
     use crate::{layer::PreconditionLayer, store::MemoryStore, sync::model};
 
     const KEY: &str = "/items/1";
+
+    /// A reserve as the response future runs one: at once while the store answers at
+    /// once, then awaited from the step where it stops (`future::reserve_write`).
+    async fn reserve(
+        config: Arc<Config>,
+        key: Arc<str>,
+        method: Method,
+        pre: Preconditions,
+    ) -> Result<WriteGuard, Problem> {
+        let mut reserve = Reserve::new(config, key, method, pre);
+        match reserve.run_now(ReserveStep::ReadClock) {
+            ReserveStep::Done(result) => result.map(|()| reserve.into_guard()),
+            step => reserve.run(step).await,
+        }
+    }
 
     fn tag(s: &str) -> EntityTag {
         EntityTag::strong(s).unwrap()

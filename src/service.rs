@@ -15,8 +15,7 @@ use crate::{
     future::{Ctx, ResponseFuture},
     layer::Config,
     protocol,
-    request_body::{BufferableBody, WatchFlag},
-    response::{Early, Problem},
+    request_body::BufferableBody,
 };
 
 /// The middleware built by [`PreconditionLayer`](crate::PreconditionLayer).
@@ -118,43 +117,9 @@ where
                     ResponseFuture::read(load, inner, request, ctx)
                 }
             }
-        } else if check.is_none() && !config.request_body.is_streaming() {
-            let (parts, body) = request.into_parts();
-            let body = config.request_body.collect(&parts.headers, body);
-            let ctx = Ctx::new(config, key, method, pre);
-            ResponseFuture::collect_and_write(body, parts, inner, ctx)
         } else {
-            let prepare = {
-                let config = config.clone();
-                let key = key.clone();
-                let method = method.clone();
-                async move {
-                    access::passed(check).await?;
-                    // The lease is taken once the body is in hand: a client that
-                    // stalls its upload holds nothing that other writers wait for, and
-                    // a body cut off mid-upload is refused before anything changes.
-                    let mut watch = None;
-                    let request = if config.request_body.is_streaming() {
-                        // Streamed: the handler reads it; a failure mid-read makes the
-                        // outcome unknown, whatever the handler answers.
-                        let flag = WatchFlag::default();
-                        watch = Some(flag.clone());
-                        request.map(|body| ReqBody::watched(body, flag))
-                    } else {
-                        let (parts, body) = request.into_parts();
-                        let bytes = config
-                            .request_body
-                            .collect(&parts.headers, body)
-                            .await
-                            .map_err(|refusal| Early::Problem(Problem::from(&refusal)))?;
-                        Request::from_parts(parts, ReqBody::from_bytes(bytes))
-                    };
-                    let mut guard = protocol::reserve(config, key, method, pre).await?;
-                    guard.watch_body(watch);
-                    Ok((request, guard))
-                }
-            };
-            ResponseFuture::write(Box::pin(prepare), inner, Ctx::of_write(config, key, method))
+            let ctx = Ctx::new(config, key, method, pre);
+            ResponseFuture::write(request, check, inner, Some(ctx))
         }
     }
 }
